@@ -1,0 +1,83 @@
+"""The one frozen configuration of a segmentation run, shared by the CLI, the napari widget and provenance."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Prior = str  # "baseline", "none", or a path to a labels file (nnU-Net output, earlier run ...)
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Fusion = Literal["step_uncertainty", "diffunet"]
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Every parameter that decides a segmentation result.
+
+    ``checkpoint=None`` means the model shipped inside the package.  ``slices`` is ``"all"``, ``"mid"``
+    or ``"A:B"`` (canonical left-right slice indices, Python slice semantics).
+    """
+
+    checkpoint: str | None = None
+    steps: int = 10  # DDIM steps from t_start down to 0
+    t_start: int = 300  # presegmentation noise level (0..T); ignored (= T) when prior is "none"
+    ensemble: int = 5  # stochastic samples S, run as one batch
+    aggregate_steps: int | None = None  # Ts: last steps fused; None = all steps
+    fusion: Fusion = "step_uncertainty"
+    prior: Prior = "baseline"
+    num_classes: int | None = None  # None = take it from the checkpoint; a mismatch is refused
+    device: Device = "auto"
+    seed: int = 0
+    slices: str = "all"
+    batch_slices: int = 4  # slices denoised together (memory stays flat in the scan's slice count)
+    min_component_mm2: float = 10.0  # post-processing: drop 2-D components smaller than this area
+    fill_holes: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}.")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be at least 1, got {self.ensemble}.")
+        if self.t_start < 0:
+            raise ValueError(f"t_start must be 0 or more, got {self.t_start}.")
+        if self.aggregate_steps is not None and self.aggregate_steps < 1:
+            raise ValueError(f"aggregate_steps must be at least 1, got {self.aggregate_steps}.")
+        if self.fusion not in ("step_uncertainty", "diffunet"):
+            raise ValueError(f"fusion must be 'step_uncertainty' or 'diffunet', got {self.fusion!r}.")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}.")
+        if self.batch_slices < 1:
+            raise ValueError(f"batch_slices must be at least 1, got {self.batch_slices}.")
+        parse_slices(self.slices, 10**9)  # validates the syntax
+
+    def replace(self, **changes: Any) -> "SegmentationConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_slices(spec: str, n: int) -> range:
+    """``"all"`` | ``"mid"`` | ``"A:B"`` -> the range of canonical slice indices (checked against ``n``)."""
+    spec = spec.strip()
+    if spec == "all":
+        return range(n)
+    if spec == "mid":
+        return range(n // 2, n // 2 + 1)
+    parts = spec.split(":")
+    try:
+        if len(parts) == 1:
+            a = int(parts[0])
+            b = a + 1
+        elif len(parts) == 2:
+            a = int(parts[0]) if parts[0] else 0
+            b = int(parts[1]) if parts[1] else n
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"slices must be 'all', 'mid', 'K' or 'A:B', got {spec!r}.") from None
+    r = range(n)[a:b]
+    if len(r) == 0 and n < 10**9:
+        raise ValueError(f"slices {spec!r} selects no slice of a scan with {n} sagittal slices.")
+    return r
