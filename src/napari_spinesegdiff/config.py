@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Prior = str  # "baseline", "none", or a path to a labels file (nnU-Net output, earlier run ...)
+Prior = str  # "baseline", "none", "labels" (an array the caller passes), or a path to a labels file
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Fusion = Literal["step_uncertainty", "diffunet"]
 
@@ -20,6 +20,7 @@ class SegmentationConfig:
     """
 
     checkpoint: str | None = None
+    baseline_checkpoint: str | None = None  # None = the shipped baseline presegmenter
     steps: int = 10  # DDIM steps from t_start down to 0
     t_start: int = 300  # presegmentation noise level (0..T); ignored (= T) when prior is "none"
     ensemble: int = 5  # stochastic samples S, run as one batch

@@ -1,0 +1,294 @@
+"""``spinesegdiff`` command line: segment scans headless, train models, evaluate them.
+
+Exit codes: 0 success, 1 unexpected error, 2 bad input or arguments (one sentence on stderr), 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"spinesegdiff: error: {message}", file=sys.stderr)
+    return code
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------ segment
+def _add_segment(sub) -> None:
+    p = sub.add_parser("segment", help="segment one scan (labels, uncertainty, probabilities)",
+                       description="Segment a sagittal lumbar MRI with the diffusion model.")
+    p.add_argument("scan", type=Path, help="NIfTI, MetaImage, NRRD file or DICOM folder/file")
+    p.add_argument("-o", "--output", type=Path, required=True, help="labels file (.nii.gz, .nii, .mha)")
+    p.add_argument("--uncertainty", type=Path, help="write the uncertainty map here")
+    p.add_argument("--probabilities", type=Path,
+                   help="write per-class probabilities here (one file per class, suffixed _<class>)")
+    p.add_argument("--checkpoint", help="diffusion checkpoint (default: the shipped model)")
+    p.add_argument("--baseline-checkpoint", help="baseline presegmenter checkpoint (default: shipped)")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps from t_start to 0 (default 10)")
+    p.add_argument("--t-start", type=int, default=300, help="presegmentation noise level 0..1000 (default 300)")
+    p.add_argument("--ensemble", type=int, default=5, help="stochastic samples S (default 5)")
+    p.add_argument("--aggregate-steps", type=int, help="fuse only the last Ts steps (default all)")
+    p.add_argument("--fusion", choices=["step_uncertainty", "diffunet"], default="step_uncertainty")
+    p.add_argument("--prior", default="baseline", help="baseline | none | PATH to a labels file (default baseline)")
+    p.add_argument("--classes", type=int, help="expected number of classes (checked against the checkpoint)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--slices", default="all", help="all | mid | A:B (canonical left-right slice indices)")
+    p.add_argument("--batch-slices", type=int, default=4, help="slices denoised together (memory)")
+    p.add_argument("--truth", type=Path, help="ground-truth labels: print Dice per class")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_segment)
+
+
+def cmd_segment(args) -> int:
+    from .config import SegmentationConfig
+    from .io.readers import read_volume
+    from .io.writers import write_volume
+    from .pipeline import Progress, run
+
+    outputs = [args.output] + [p for p in (args.uncertainty, args.probabilities) if p is not None]
+    for out in outputs:
+        if _same_file(out, args.scan) or (args.scan.is_dir() and out.resolve().parent == args.scan.resolve()
+                                           and out.suffix == ".dcm"):
+            return _fail(f"the output {out} is the input scan; choose another path.")
+    if not args.scan.exists():
+        return _fail(f"{args.scan} does not exist.")
+    try:
+        cfg = SegmentationConfig(
+            checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint, steps=args.steps,
+            t_start=args.t_start, ensemble=args.ensemble, aggregate_steps=args.aggregate_steps,
+            fusion=args.fusion, prior=args.prior, num_classes=args.classes, device=args.device,
+            seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
+        )
+        volume = read_volume(args.scan, kind="image")
+    except ValueError as exc:
+        return _fail(str(exc))
+
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=1, desc="segment", unit="step", file=sys.stderr)
+
+    def on_event(ev) -> None:
+        if bar is not None and isinstance(ev, Progress):
+            bar.total = ev.total
+            bar.n = ev.done
+            bar.set_postfix_str(ev.message[:60])
+            bar.refresh()
+
+    try:
+        result = run(volume, cfg, callback=on_event, stream_every=0)
+    except KeyboardInterrupt:
+        return _fail("cancelled.", EXIT_CANCELLED)
+    except ValueError as exc:
+        return _fail(str(exc))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    prov = dict(result.provenance)
+    written = {"labels": str(write_volume(result.labels.data, args.output, like=volume, kind="labels",
+                                          produced_by=prov))}
+    if args.uncertainty:
+        written["uncertainty"] = str(write_volume(result.uncertainty.data, args.uncertainty, like=volume,
+                                                  kind="image", produced_by=prov))
+    if args.probabilities:
+        for name, vol in zip(result.class_names, result.probabilities):
+            path = _suffixed(args.probabilities, name.replace(" ", "_"))
+            written[f"probability {name}"] = str(write_volume(vol.data, path, like=volume, kind="image",
+                                                              produced_by=prov))
+    prov["outputs"] = written
+    if args.truth:
+        prov["dice"] = _print_dice(result.labels, args.truth, result.class_names)
+    sidecar = _sidecar(args.output)
+    _write_json(sidecar, prov)
+    t = prov["timings"]["total_s"]
+    print(f"wrote {args.output} ({len(result.slices)} slices, {t:.1f} s) and {sidecar.name}")
+    return EXIT_OK
+
+
+def _print_dice(labels, truth_path: Path, names) -> dict[str, float]:
+    from .evaluation.metrics import dice_per_class
+    from .io.labels import to_classes
+    from .io.readers import read_volume
+
+    truth = read_volume(truth_path, kind="labels")
+    scores = dice_per_class(labels.canonical(), to_classes(truth.canonical()), len(names))
+    for name, d in zip(names, scores):
+        print(f"Dice {name}: {d:.4f}")
+    return {n: float(d) for n, d in zip(names, scores)}
+
+
+def _suffixed(path: Path, tag: str) -> Path:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + f"_{tag}" + ext)
+    return path.with_name(name + f"_{tag}")
+
+
+def _sidecar(path: Path) -> Path:
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_name(name + ".json")
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------- train
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the diffusion model or the baseline presegmenter",
+                       description="Train on sagittal slices. Data sources: lumbar:PATH, spider:PATH, "
+                                   "nnunet:PATH, phantom:N[:SEED] (repeat --data). Under torchrun it runs "
+                                   "DistributedDataParallel.")
+    p.add_argument("--kind", choices=["diffusion", "baseline"], default="diffusion")
+    p.add_argument("--data", action="append", required=True, help="data source (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log.csv)")
+    p.add_argument("--splits", type=Path, help="patient-level folds JSON (created if missing)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--preset", default="small", help="network preset: tiny | small | midl2025")
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, nargs=2, default=(160, 160))
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--phantom-share", type=float, default=0.3, help="share of batches drawn from phantoms")
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--spacing", type=float, nargs=2, default=(1.0, 1.0), help="model in-plane spacing (mm)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--init", help="start from these weights")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last_state.pt")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .training.recipe import gather, split_cases
+    from .training.train import TrainConfig, train
+
+    t0 = time.perf_counter()
+    try:
+        cases = gather(args.data, tuple(args.spacing))
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    if not cases:
+        return _fail("no training cases were found in the given --data sources.")
+    train_cases, val_cases, split = split_cases(cases, args.splits, args.folds, args.fold, args.seed)
+    print(f"{len(train_cases)} training cases, {len(val_cases)} validation cases, "
+          f"{len(split['test'])} test patients held out; data ready in {time.perf_counter() - t0:.0f} s")
+    cfg = TrainConfig(kind=args.kind, preset=args.preset, iterations=args.iterations,
+                      batch_size=args.batch_size, crop=tuple(args.crop), lr=args.lr, warmup=args.warmup,
+                      phantom_share=args.phantom_share,
+                      spacing_mm=tuple(args.spacing), val_every=args.val_every, seed=args.seed,
+                      threads=args.threads, device=args.device, init=args.init, data=list(args.data),
+                      command="spinesegdiff " + " ".join(sys.argv[1:]))
+    best = train(cfg, train_cases, val_cases, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"best checkpoint: {best}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="Dice / HD95 / uncertainty AUROC on held-out cases, with a report")
+    p.add_argument("--data", action="append", required=True, help="lumbar:PATH | spider:PATH | nnunet:PATH | phantom:N:SEED")
+    p.add_argument("--splits", type=Path, help="folds JSON: evaluate only the test patients of --fold")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--checkpoint", help="diffusion checkpoint (default: shipped)")
+    p.add_argument("--baseline-checkpoint", help="baseline checkpoint (default: shipped)")
+    p.add_argument("--out", type=Path, required=True, help="folder for CSV, report.md and figures")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--t-start", type=int, default=300)
+    p.add_argument("--ensemble", type=int, default=5)
+    p.add_argument("--sweep", action="store_true", help="also sweep steps / t_start / ensemble (slow)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from .config import SegmentationConfig
+    from .evaluation.evaluate import evaluate
+
+    cfg = SegmentationConfig(checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint,
+                             steps=args.steps, t_start=args.t_start, ensemble=args.ensemble, seed=args.seed,
+                             device=args.device)
+    try:
+        report = evaluate(args.data, cfg, args.out, splits=args.splits, fold=args.fold, sweep=args.sweep)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"wrote {report}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ phantom
+def _add_phantom(sub) -> None:
+    p = sub.add_parser("phantom", help="write a synthetic lumbar spine scan (and its truth) to try things on")
+    p.add_argument("output", type=Path, help="scan file (.nii.gz, .nii, .mha)")
+    p.add_argument("--truth", type=Path, help="also write the ground-truth labels here")
+    p.add_argument("--contrast", choices=["T2w", "T1w"], default="T2w")
+    p.add_argument("--degenerated", type=int, default=0, help="number of degenerated discs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_phantom)
+
+
+def cmd_phantom(args) -> int:
+    from .io.writers import write_volume
+    from .phantom import make_phantom
+
+    ph = make_phantom(seed=args.seed, contrast=args.contrast, degenerated=args.degenerated)
+    note = f"spinesegdiff {__version__} phantom seed {args.seed}"
+    write_volume(ph.image.data, args.output, like=ph.image, kind="image", produced_by=note)
+    if args.truth:
+        write_volume(ph.labels.data, args.truth, like=ph.image, kind="labels", produced_by=note)
+    print(f"wrote {args.output}" + (f" and {args.truth}" if args.truth else ""))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spinesegdiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"spinesegdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_phantom(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail("cancelled.", EXIT_CANCELLED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Metrics and the evaluation report (Dice, HD95, uncertainty AUROC, reliability)."""

@@ -1,0 +1,346 @@
+"""A whole scan in, labels + uncertainty + probabilities out, in the scan's own geometry.
+
+:func:`segment` is a generator: it yields :class:`Progress` and :class:`StepUpdate` events while it works
+and *returns* a :class:`SegmentationResult` (``StopIteration.value``; :func:`run` drains it).  Closing the
+generator stops the work at the next denoising step.  The napari widget, the CLI and the tests all drive
+this one function.
+
+Steps: canonical sagittal slices (``io``) -> in-plane resampling to the model spacing -> per-volume
+intensity normalisation -> batches of ``batch_slices`` slices x ``ensemble`` samples -> presegmentation
+prior (shipped baseline, a labels volume, or none) -> DDIM sampler with the step-uncertainty ensemble ->
+back to the scan grid (linear for maps, labels from the resampled probabilities) -> post-processing in
+millimetres -> file order.  Memory for the model stays flat in the number of slices.
+
+Label rule: a pixel gets the class whose probability is highest among those above 0.5 (so overlapping
+channels never produce two labels); otherwise background.  Post-processing per class and slice: fill
+holes, then drop connected components smaller than ``min_component_mm2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Generator
+
+import numpy as np
+
+from . import __version__
+from .config import SegmentationConfig, parse_slices
+from .io.volume import Volume
+from .preprocess import SliceGrid, normalize_intensity
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+SHIPPED_DIFFUSION = WEIGHTS_DIR / "diffusion.safetensors"
+SHIPPED_BASELINE = WEIGHTS_DIR / "baseline.safetensors"
+
+
+class SegmentationError(ValueError):
+    """A problem with the inputs of a run, stated in one sentence."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int  # denoiser passes (or slices) finished
+    total: int
+    message: str
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    """The current x0 estimate of the slices being denoised, on the scan's canonical grid."""
+
+    slices: tuple[int, ...]  # canonical slice indices (axis 0)
+    step: int  # 1-based step within this batch
+    total_steps: int
+    t: int
+    batch: int  # 0-based batch index
+    n_batches: int
+    probabilities: np.ndarray  # (n, C, rows, cols) float32
+    uncertainty: np.ndarray  # (n, rows, cols) float32, running max over steps and classes
+
+
+@dataclass
+class SegmentationResult:
+    labels: Volume  # uint8 in the scan's file order: 0 background, 1 canal, 2 vertebrae, 3 disc
+    uncertainty: Volume  # float32, max over classes of the step-uncertainty map
+    probabilities: list[Volume]  # one float32 volume per class
+    canonical_labels: np.ndarray  # the same, in the canonical sagittal view (for napari)
+    canonical_uncertainty: np.ndarray
+    canonical_probabilities: np.ndarray  # (C, N, rows, cols)
+    slices: tuple[int, ...]
+    class_names: list[str]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadedModels:
+    diffusion: Any
+    diffusion_config: Any
+    baseline: Any | None
+    baseline_config: Any | None
+    device: Any
+    device_message: str
+    diffusion_path: str
+    baseline_path: str | None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def _load_models_cached(diffusion_path: str, baseline_path: str | None, device: str) -> LoadedModels:
+    from .model.checkpoint import load_checkpoint
+    from .model.device import resolve_device
+
+    dev, message = resolve_device(device)
+    net, cfg = load_checkpoint(diffusion_path, map_location="cpu")
+    if getattr(cfg, "kind", "diffusion") != "diffusion":
+        raise SegmentationError(f"{diffusion_path} is a {cfg.kind} checkpoint, not a diffusion model.")
+    base, base_cfg = (None, None)
+    if baseline_path is not None:
+        base, base_cfg = load_checkpoint(baseline_path, map_location="cpu")
+        base = base.to(dev).eval()
+    return LoadedModels(net.to(dev).eval(), cfg, base, base_cfg, dev, message, diffusion_path, baseline_path)
+
+
+def load_models(config: SegmentationConfig) -> LoadedModels:
+    """The diffusion model of ``config.checkpoint`` (shipped by default) and, when the prior is the
+    baseline, the shipped baseline presegmenter (or ``config.baseline_checkpoint``)."""
+    path = Path(config.checkpoint) if config.checkpoint else SHIPPED_DIFFUSION
+    if not path.exists():
+        if config.checkpoint is None:
+            raise SegmentationError(
+                "The shipped model is missing from this installation; pass --checkpoint with your own model."
+            )
+        raise SegmentationError(f"Checkpoint {path} does not exist.")
+    base = None
+    if config.prior == "baseline":
+        base = Path(config.baseline_checkpoint) if config.baseline_checkpoint else SHIPPED_BASELINE
+        if not base.exists():
+            raise SegmentationError(f"Baseline checkpoint {base} does not exist; use --prior none or a labels file.")
+    return _load_models_cached(str(path.resolve()), str(base.resolve()) if base else None, config.device)
+
+
+def _validate(volume: Volume, config: SegmentationConfig, models: LoadedModels) -> None:
+    ncls = len(models.diffusion_config.class_names)
+    if config.num_classes is not None and config.num_classes != ncls:
+        raise SegmentationError(
+            f"The run asks for {config.num_classes} classes but the checkpoint has {ncls}."
+        )
+    in_ch = models.diffusion_config.network.in_channels
+    if in_ch != 1:
+        raise SegmentationError(f"The checkpoint expects {in_ch} image channels; scans have 1.")
+    if models.baseline_config is not None and len(models.baseline_config.class_names) != ncls:
+        raise SegmentationError(
+            f"The baseline has {len(models.baseline_config.class_names)} classes but the diffusion model {ncls}."
+        )
+    if volume.kind != "image":
+        raise SegmentationError("The input is a labels volume, not an image to segment.")
+    if not np.issubdtype(volume.data.dtype, np.number) or np.iscomplexobj(volume.data):
+        raise SegmentationError(f"The scan has a non-real pixel type ({volume.data.dtype}).")
+    if not np.all(np.isfinite(volume.data)):
+        raise SegmentationError("The scan contains NaN or infinite values.")
+    if min(volume.shape) < 1 or min(sorted(volume.shape)[1:]) < 8:
+        raise SegmentationError(f"The scan of shape {volume.shape} is too small to segment.")
+
+
+def _prior_canonical(prior: np.ndarray | Volume | None, volume: Volume) -> np.ndarray | None:
+    """A labels prior (Volume on the scan grid, or a canonical array) -> canonical product labels."""
+    if prior is None:
+        return None
+    if isinstance(prior, Volume):
+        if prior.shape != volume.shape:
+            raise SegmentationError(f"The prior labels have shape {prior.shape}; the scan has {volume.shape}.")
+        arr = prior.canonical()
+    else:
+        arr = np.asarray(prior)
+        if arr.shape != volume.orientation.canonical_shape:
+            raise SegmentationError(
+                f"The prior labels have shape {arr.shape}; the scan's canonical view has "
+                f"{volume.orientation.canonical_shape}."
+            )
+    from .io.labels import to_classes
+
+    return to_classes(arr, scheme="auto")
+
+
+def _postprocess(labels: np.ndarray, probs: np.ndarray, spacing_mm: tuple[float, float], config) -> np.ndarray:
+    """Per class and slice: fill holes, drop components smaller than ``min_component_mm2``."""
+    from scipy import ndimage
+
+    min_px = int(np.ceil(config.min_component_mm2 / (spacing_mm[0] * spacing_mm[1])))
+    out = np.zeros_like(labels)
+    for c in range(1, probs.shape[0] + 1):
+        m = labels == c
+        if not m.any():
+            continue
+        if config.fill_holes:
+            m = ndimage.binary_fill_holes(m)
+        if min_px > 1:
+            lab, n = ndimage.label(m)
+            if n:
+                sizes = ndimage.sum_labels(m, lab, index=np.arange(1, n + 1))
+                m = np.isin(lab, np.flatnonzero(sizes >= min_px) + 1)
+        out[m & ((out == 0) | (labels == c))] = c
+    return out
+
+
+def segment(
+    volume: Volume,
+    config: SegmentationConfig = SegmentationConfig(),
+    *,
+    prior_labels: np.ndarray | Volume | None = None,
+    stream_every: int = 1,
+    models: LoadedModels | None = None,
+) -> Generator[Progress | StepUpdate, None, SegmentationResult]:
+    """Segment a scan (see the module docstring).  ``prior_labels`` is used when ``config.prior`` is
+    ``"labels"`` (a labels volume from the caller); a path in ``config.prior`` is read here.  Step updates
+    are yielded every ``stream_every`` steps (and always at a batch's last step); ``0`` = none."""
+    import torch
+
+    from .model.diffusion import schedule_from_dict
+    from .model.sampler import sample
+
+    t0 = time.perf_counter()
+    models = models or load_models(config)
+    _validate(volume, config, models)
+    ckpt = models.diffusion_config
+    dev = models.device
+    prior_canon = None
+    if config.prior not in ("baseline", "none", "labels"):
+        from .io.readers import read_volume
+
+        prior_canon = _prior_canonical(read_volume(config.prior, kind="labels"), volume)
+    elif config.prior == "labels":
+        if prior_labels is None:
+            raise SegmentationError("prior is 'labels' but no labels were given.")
+        prior_canon = _prior_canonical(prior_labels, volume)
+
+    canonical = volume.canonical()
+    n_slices, rows, cols = canonical.shape
+    spacing = volume.orientation.canonical_spacing
+    chosen = parse_slices(config.slices, n_slices)
+    grid = SliceGrid((rows, cols), (spacing[1], spacing[2]), tuple(ckpt.spacing_mm))
+    image = normalize_intensity(canonical, ckpt.intensity)
+    ncls = len(ckpt.class_names)
+    schedule = schedule_from_dict(ckpt.schedule)
+
+    labels_c = np.zeros((n_slices, rows, cols), np.uint8)
+    unc_c = np.zeros((n_slices, rows, cols), np.float32)
+    prob_c = np.zeros((ncls, n_slices, rows, cols), np.float32)
+    batches = [list(chosen)[i:i + config.batch_slices] for i in range(0, len(chosen), config.batch_slices)]
+    use_prior = config.prior != "none"
+    steps_per_batch = len(schedule.respaced_timesteps(config.t_start if use_prior else schedule.T, config.steps))
+    total = max(1, len(batches) * steps_per_batch)
+    yield Progress(0, total, f"{models.device_message}; {len(chosen)} slices in {len(batches)} batches")
+    timings = {"load_s": round(time.perf_counter() - t0, 3), "prior_s": 0.0, "sampling_s": 0.0, "post_s": 0.0}
+
+    for bi, idx in enumerate(batches):
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(image[idx]))[:, None].to(dev)
+            x = grid.to_model(x)
+            tp = time.perf_counter()
+            prior = None
+            if config.prior == "baseline":
+                prior = torch.sigmoid(models.baseline(x))
+            elif prior_canon is not None:
+                onehot = np.stack([prior_canon[idx] == c for c in range(1, ncls + 1)], axis=1)
+                prior = grid.to_model(torch.from_numpy(onehot.astype(np.float32)).to(dev), mode="nearest")
+            timings["prior_s"] += time.perf_counter() - tp
+        ts0 = time.perf_counter()
+        gen = sample(models.diffusion, x, schedule=schedule, steps=config.steps,
+                     t_start=config.t_start if use_prior else None, prior=prior, ensemble=config.ensemble,
+                     aggregate_steps=config.aggregate_steps, fusion=config.fusion,
+                     seed=config.seed + 1000003 * bi, x0_mode=ckpt.x0_mode)
+        try:
+            while True:
+                ev = next(gen)
+                last = ev.index == ev.total
+                if stream_every and (ev.index % stream_every == 0 or last):
+                    with torch.inference_mode():
+                        p = grid.to_scan(ev.probabilities).float().cpu().numpy()
+                        u = grid.to_scan(ev.uncertainty.amax(dim=1, keepdim=True)).float().cpu().numpy()[:, 0]
+                    yield StepUpdate(tuple(idx), ev.index, ev.total, ev.t, bi, len(batches), p, u)
+                yield Progress(bi * steps_per_batch + ev.index, total,
+                               f"batch {bi + 1}/{len(batches)}, step {ev.index}/{ev.total} (t={ev.t})")
+        except StopIteration as stop:
+            res = stop.value
+        finally:
+            gen.close()
+        timings["sampling_s"] += time.perf_counter() - ts0
+        tq = time.perf_counter()
+        with torch.inference_mode():
+            probs = grid.to_scan(res.probabilities.float()).cpu().numpy()  # (n, C, rows, cols)
+            unc = grid.to_scan(res.uncertainty.float()).amax(dim=1).cpu().numpy()
+        above = probs > 0.5
+        best = np.argmax(np.where(above, probs, -1.0), axis=1) + 1
+        lab = np.where(above.any(axis=1), best, 0).astype(np.uint8)
+        for j, k in enumerate(idx):
+            labels_c[k] = _postprocess(lab[j], probs[j], (spacing[1], spacing[2]), config)
+        unc_c[idx] = unc
+        prob_c[:, idx] = np.moveaxis(probs, 1, 0)
+        timings["post_s"] += time.perf_counter() - tq
+
+    timings = {k: round(v, 3) for k, v in timings.items()}
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    provenance = build_provenance(volume, config, models, timings, tuple(chosen))
+    note = f"spinesegdiff {__version__}"
+    result = SegmentationResult(
+        labels=volume.with_canonical(labels_c, kind="labels", produced_by=note),
+        uncertainty=volume.with_canonical(unc_c, kind="image", produced_by=note),
+        probabilities=[volume.with_canonical(prob_c[c], kind="image", produced_by=note) for c in range(ncls)],
+        canonical_labels=labels_c,
+        canonical_uncertainty=unc_c,
+        canonical_probabilities=prob_c,
+        slices=tuple(chosen),
+        class_names=list(ckpt.class_names),
+        provenance=provenance,
+    )
+    yield Progress(total, total, f"done in {timings['total_s']:.1f} s")
+    return result
+
+
+def run(volume: Volume, config: SegmentationConfig = SegmentationConfig(), callback=None,
+        **kwargs: Any) -> SegmentationResult:
+    """Drain :func:`segment` (calling ``callback(event)`` for each event) and return the result."""
+    gen = segment(volume, config, **kwargs)
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if callback is not None:
+            callback(ev)
+
+
+def build_provenance(volume: Volume, config: SegmentationConfig, models: LoadedModels,
+                     timings: dict[str, float], slices: tuple[int, ...]) -> dict[str, Any]:
+    """Everything needed to know how a result was made (the JSON sidecar of every written output)."""
+    import monai
+    import torch
+
+    src = volume.source
+    return {
+        "software": {"spinesegdiff": __version__, "torch": torch.__version__, "monai": monai.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "input": {"path": str(src) if src else None,
+                  "sha256": sha256_file(src) if src and Path(src).is_file() else None,
+                  "shape": list(volume.shape), "affine": np.round(volume.affine, 6).tolist()},
+        "checkpoint": {"path": models.diffusion_path, "sha256": sha256_file(models.diffusion_path),
+                       "baseline": models.baseline_path,
+                       "baseline_sha256": sha256_file(models.baseline_path) if models.baseline_path else None},
+        "config": config.to_dict(),
+        "device": str(models.device),
+        "slices": [int(slices[0]), int(slices[-1]) + 1] if slices else [],
+        "timings": timings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,244 @@
+"""Training data: sagittal-slice cases from several layouts, partial labels, patient-level folds.
+
+Every source becomes a list of :class:`TrainCase` on the model grid (canonical sagittal slices resampled
+in-plane to the model spacing, intensities normalised per volume).  A case carries, per class channel,
+whether that channel is labelled at all and the superior-inferior row range in which the labels are
+complete; outside it (or for unlabelled channels) the loss is masked, because an unlabelled structure is
+unknown, not background.
+
+Layouts understood by :func:`load_cases`:
+
+* ``lumbar``: ``<case>_image.nii.gz`` + ``<case>_label.nii.gz`` with instance labels of ONE structure
+  (``IVD_*`` discs, ``VB*_*`` vertebral bodies), as in ``shared/data/lumbar``.
+* ``spider``: SPIDER's ``images/*.mha`` + ``masks/*.mha`` (vertebrae 1-25, canal 100, discs 201-225).
+* ``nnunet``: ``imagesTr/<case>_0000.nii.gz`` + ``labelsTr/<case>.nii.gz`` (labels 1 canal, 2 vertebrae,
+  3 disc, or SPIDER values), with an optional ``splits_final.json``.
+* ``phantom:N``: N synthetic spines (all three classes known everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..preprocess import normalize_intensity
+
+NUM_CLASSES = 3  # channels: 0 canal, 1 vertebrae, 2 disc (product labels 1, 2, 3)
+
+
+@dataclass
+class TrainCase:
+    """One volume on the model grid, ready for slice sampling."""
+
+    name: str
+    patient: str
+    group: str  # stratum for folds (e.g. IVD, VB1, phantom)
+    image: np.ndarray  # (N, H, W) float32, normalised
+    target: np.ndarray  # (N, C, H, W) uint8 in {0, 1}
+    known: np.ndarray  # (C,) bool: channel labelled in this case
+    rows: tuple[int, int] | None = None  # SI rows [r0, r1) where labels are complete; None = all
+    slice_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    unknown: np.ndarray | None = None  # (N, C, H, W) bool: voxels whose label is unknown (else None)
+
+    def known_mask(self, k: int | None = None) -> np.ndarray:
+        """(C, H, W) bool mask of the pixels of slice ``k`` where the loss may look at each channel."""
+        shape = self.image.shape[1:]
+        m = np.zeros((NUM_CLASSES, *shape), dtype=bool)
+        r0, r1 = self.rows if self.rows is not None else (0, shape[0])
+        m[self.known, r0:r1, :] = True
+        if self.unknown is not None and k is not None:
+            m &= ~self.unknown[k]
+        return m
+
+
+def classes_to_channels(labels: np.ndarray) -> np.ndarray:
+    """Product labels (…, 1 canal, 2 vertebrae, 3 disc) -> one-hot channels without background (C, …)."""
+    return np.stack([(labels == c) for c in (1, 2, 3)]).astype(np.uint8)
+
+
+def _model_grid(canonical: np.ndarray, spacing: Sequence[float], target: Sequence[float], order: int) -> np.ndarray:
+    from scipy import ndimage
+
+    zoom = (1.0, spacing[1] / target[0], spacing[2] / target[1])
+    if np.allclose(zoom, 1.0, atol=1e-3):
+        return canonical
+    return ndimage.zoom(canonical, zoom, order=order, prefilter=False)
+
+
+def _finish(name, patient, group, image_c, target_c, spacing, target_spacing, known, rows_from_labels,
+            intensity) -> TrainCase:
+    """Normalise, resample in-plane, and compute the label row range and slice weights."""
+    image = normalize_intensity(_model_grid(image_c.astype(np.float32), spacing, target_spacing, 1), intensity)
+    target = np.stack(
+        [_model_grid(target_c[:, c], spacing, target_spacing, 0) for c in range(NUM_CLASSES)], axis=1
+    ).astype(np.uint8)
+    rows = None
+    if rows_from_labels:
+        any_rows = np.flatnonzero(target[:, known].any(axis=(0, 1, 3)))
+        rows = (int(any_rows[0]), int(any_rows[-1]) + 1) if any_rows.size else (0, 0)
+    labelled = target[:, known].reshape(target.shape[0], -1).any(axis=1)
+    weights = np.where(labelled, 1.0, 0.15)  # slices without labelled structure are seen less often
+    return TrainCase(name, patient, group, image, target, np.asarray(known, bool), rows, weights / weights.sum())
+
+
+def lumbar_cases(root: Path, names: Iterable[str] | None = None, target_spacing=(1.0, 1.0),
+                 intensity=None) -> list[TrainCase]:
+    """Cases of the ``lumbar`` layout (partial labels: one structure per case)."""
+    from ..io.readers import read_pair
+
+    root = Path(root)
+    wanted = set(names) if names is not None else None
+    cases = []
+    for img_path in sorted(root.glob("*_image.nii.gz")):
+        name = img_path.name[: -len("_image.nii.gz")]
+        if wanted is not None and name not in wanted:
+            continue
+        lab_path = root / f"{name}_label.nii.gz"
+        try:
+            image, labels = read_pair(img_path, lab_path)
+        except ValueError:
+            continue  # mismatched pairs (VB2_02 ...) are reported by read_pair; training skips them
+        channel = 2 if name.upper().startswith("IVD") else 1
+        known = np.zeros(NUM_CLASSES, bool)
+        known[channel] = True
+        canon_lab = labels.canonical() > 0
+        target = np.zeros((canon_lab.shape[0], NUM_CLASSES, *canon_lab.shape[1:]), np.uint8)
+        target[:, channel] = canon_lab
+        spacing = image.orientation.canonical_spacing
+        cases.append(_finish(name, name, name.split("_")[0], image.canonical(), target, spacing,
+                             target_spacing, known, True, intensity))
+    return cases
+
+
+def _paired_layout(images: list[Path], label_for, group: str, target_spacing, intensity, patient_of) -> list[TrainCase]:
+    from ..io.labels import to_classes
+    from ..io.readers import read_pair
+
+    cases = []
+    for img_path in images:
+        lab_path = label_for(img_path)
+        if lab_path is None or not lab_path.exists():
+            continue
+        image, labels = read_pair(img_path, lab_path)
+        classes = to_classes(labels.canonical(), scheme="auto")
+        target = np.moveaxis(classes_to_channels(classes), 0, 1)
+        name = _case_name(img_path)
+        cases.append(_finish(name, patient_of(name), group, image.canonical(), target,
+                             image.orientation.canonical_spacing, target_spacing,
+                             np.ones(NUM_CLASSES, bool), False, intensity))
+    return cases
+
+
+def _case_name(path: Path) -> str:
+    n = path.name
+    for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"):
+        if n.endswith(ext):
+            n = n[: -len(ext)]
+    return re.sub(r"_0000$", "", n)
+
+
+def spider_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
+    """SPIDER raw layout: ``images/<id>_<seq>.mha`` and ``masks/<id>_<seq>.mha``; patient = ``<id>``."""
+    root = Path(root)
+    return _paired_layout(
+        sorted((root / "images").glob("*.mha")),
+        lambda p: root / "masks" / p.name,
+        "spider", target_spacing, intensity, lambda n: n.split("_")[0],
+    )
+
+
+def nnunet_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
+    """nnU-Net layout: ``imagesTr/<case>_0000.nii.gz`` and ``labelsTr/<case>.nii.gz``."""
+    root = Path(root)
+    return _paired_layout(
+        sorted((root / "imagesTr").glob("*_0000.nii.gz")),
+        lambda p: root / "labelsTr" / (_case_name(p) + ".nii.gz"),
+        "nnunet", target_spacing, intensity, lambda n: re.sub(r"_(t1|t2|t2_space)$", "", n, flags=re.I),
+    )
+
+
+def phantom_cases(n: int, seed: int = 0, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
+    """``n`` synthetic spines with varied contrast, degeneration and spacing (all classes known)."""
+    from ..phantom import make_phantom
+
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        spacing = (float(rng.uniform(3.0, 4.0)), float(rng.uniform(0.5, 1.1)), 0.0)
+        spacing = (spacing[0], spacing[1], spacing[1])
+        ph = make_phantom(
+            seed=int(rng.integers(1 << 30)),
+            contrast="T2w" if i % 2 == 0 else "T1w",
+            degenerated=int(rng.integers(0, 3)),
+            spacing=spacing,
+        )
+        target = np.moveaxis(classes_to_channels(ph.labels.canonical()), 0, 1)
+        posterior = getattr(ph, "posterior_elements", None)
+        case = _finish(f"phantom_{seed}_{i}", f"phantom_{seed}_{i}", "phantom", ph.image.canonical(), target,
+                       ph.image.orientation.canonical_spacing, target_spacing, np.ones(NUM_CLASSES, bool),
+                       False, intensity)
+        if posterior is not None:
+            # the real vertebra masks label bodies only: posterior elements are "unknown" for channel 1
+            unknown = np.zeros(case.target.shape, bool)
+            unknown[:, 1] = _model_grid(np.asarray(posterior, np.uint8), case_spacing(ph), target_spacing, 0) > 0
+            case.unknown = unknown
+        cases.append(case)
+    return cases
+
+
+def case_spacing(ph) -> tuple[float, float, float]:
+    return ph.image.orientation.canonical_spacing
+
+
+def load_cases(spec: str, target_spacing=(1.0, 1.0), intensity=None, names=None) -> list[TrainCase]:
+    """``lumbar:PATH`` | ``spider:PATH`` | ``nnunet:PATH`` | ``phantom:N[:SEED]``."""
+    kind, _, rest = spec.partition(":")
+    if kind == "lumbar":
+        return lumbar_cases(Path(rest), names, target_spacing, intensity)
+    if kind == "spider":
+        return spider_cases(Path(rest), target_spacing, intensity)
+    if kind == "nnunet":
+        return nnunet_cases(Path(rest), target_spacing, intensity)
+    if kind == "phantom":
+        n, _, seed = rest.partition(":")
+        return phantom_cases(int(n), int(seed or 0), target_spacing, intensity)
+    raise ValueError(f"Unknown data source {spec!r}: use lumbar:PATH, spider:PATH, nnunet:PATH or phantom:N.")
+
+
+# --------------------------------------------------------------------------------------------- folds
+def make_splits(patients: dict[str, str], k: int = 5, fold: int = 0, val_fraction: float = 0.15,
+                seed: int = 0) -> dict[str, list[str]]:
+    """Patient-level split: ``test`` = fold ``fold`` of ``k`` (stratified by group), ``val`` = a stratified
+    ``val_fraction`` of the remaining patients, ``train`` = the rest.  No patient is in two sets.
+
+    ``patients`` maps patient id -> group (stratum).
+    """
+    if not 0 <= fold < k:
+        raise ValueError(f"fold must be in 0..{k - 1}, got {fold}.")
+    rng = np.random.default_rng(seed)
+    split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for group in sorted(set(patients.values())):
+        members = sorted(p for p, g in patients.items() if g == group)
+        rng.shuffle(members)
+        test = [p for i, p in enumerate(members) if i % k == fold]
+        rest = [p for p in members if p not in test]
+        n_val = int(round(len(rest) * val_fraction))
+        split["test"] += test
+        split["val"] += rest[:n_val]
+        split["train"] += rest[n_val:]
+    return {key: sorted(v) for key, v in split.items()}
+
+
+def write_splits(path: Path, patients: dict[str, str], k: int = 5, seed: int = 0,
+                 val_fraction: float = 0.15) -> list[dict[str, list[str]]]:
+    """All ``k`` folds to a JSON file (a list of {train, val, test}), like nnU-Net's ``splits_final.json``."""
+    folds = [make_splits(patients, k, f, val_fraction, seed) for f in range(k)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(folds, indent=1))
+    return folds

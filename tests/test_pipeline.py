@@ -1,0 +1,132 @@
+"""Whole-scan pipeline: geometry, Dice with the shipped model, streaming, cancelling, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_spinesegdiff.config import SegmentationConfig
+from napari_spinesegdiff.evaluation.metrics import dice_per_class
+from napari_spinesegdiff.io.volume import Volume
+from napari_spinesegdiff.phantom import make_phantom
+from napari_spinesegdiff.pipeline import Progress, SegmentationError, StepUpdate, run, segment
+
+#: Mean Dice (canal, vertebrae, disc) the shipped model reaches on a phantom with the fast test settings.
+PHANTOM_DICE_FLOOR = 0.80
+FAST = SegmentationConfig(steps=3, ensemble=2, t_start=300, slices="4:9", batch_slices=5)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(seed=21, contrast="T2w", random_orientation=True)
+
+
+@pytest.fixture(scope="module")
+def result(phantom):
+    events = []
+    res = run(phantom.image, FAST, callback=events.append)
+    return res, events
+
+
+def test_output_geometry_equals_the_input(phantom, result):
+    res, _ = result
+    for vol in [res.labels, res.uncertainty, *res.probabilities]:
+        assert vol.shape == phantom.image.shape
+        np.testing.assert_allclose(vol.affine, phantom.image.affine, atol=1e-9)
+    assert res.labels.data.dtype == np.uint8
+    assert np.array_equal(res.labels.canonical(), res.canonical_labels)
+
+
+def test_shipped_model_segments_the_phantom(phantom, result):
+    res, _ = result
+    truth = phantom.labels.canonical()
+    sl = slice(4, 9)
+    scores = dice_per_class(res.canonical_labels[sl], truth[sl], 3)
+    print("phantom Dice canal, vertebrae, disc:", [round(s, 4) for s in scores])
+    assert np.mean(scores) >= PHANTOM_DICE_FLOOR
+    # slices outside the selection are untouched
+    assert not res.canonical_labels[:4].any() and not res.canonical_labels[9:].any()
+    assert res.slices == (4, 5, 6, 7, 8)
+
+
+def test_uncertainty_is_high_where_the_model_is_wrong(phantom, result):
+    from napari_spinesegdiff.evaluation.metrics import auroc
+
+    res, _ = result
+    truth = phantom.labels.canonical()[4:9]
+    wrong = res.canonical_labels[4:9] != truth
+    u = res.canonical_uncertainty[4:9]
+    assert 0 <= u.min() and u.max() <= 1 / np.e + 1e-6
+    assert auroc(u, wrong) > 0.8
+
+
+def test_streams_one_update_per_step_and_progress(result):
+    _, events = result
+    steps = [e for e in events if isinstance(e, StepUpdate)]
+    assert [e.step for e in steps] == [1, 2, 3]
+    assert steps[0].probabilities.shape[:2] == (5, 3)
+    assert steps[0].uncertainty.shape == steps[0].probabilities.shape[:1] + steps[0].probabilities.shape[2:]
+    prog = [e for e in events if isinstance(e, Progress)]
+    assert prog[-1].done == prog[-1].total
+
+
+def test_closing_the_generator_stops_work(phantom):
+    gen = segment(phantom.image, FAST.replace(steps=5))
+    seen = 0
+    for ev in gen:
+        if isinstance(ev, StepUpdate):
+            seen += 1
+            if seen == 2:
+                break
+    gen.close()
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert seen == 2
+
+
+def test_same_seed_same_result(phantom):
+    cfg = FAST.replace(slices="6", steps=2)
+    a, b = run(phantom.image, cfg), run(phantom.image, cfg)
+    assert np.array_equal(a.canonical_labels, b.canonical_labels)
+    assert np.array_equal(a.canonical_uncertainty, b.canonical_uncertainty)
+
+
+def test_t_start_zero_with_a_labels_prior_returns_the_prior():
+    # at the model's own spacing (1 mm) no resampling happens, so the prior must come back exactly
+    ph = make_phantom(seed=4, spacing=(3.5, 1.0, 1.0))
+    truth = ph.labels.canonical()
+    res = run(ph.image, FAST.replace(prior="labels", t_start=0, slices="5:7", min_component_mm2=0.0),
+              prior_labels=truth, stream_every=0)
+    assert np.array_equal(res.canonical_labels[5:7], truth[5:7])
+
+
+def test_class_count_mismatch_is_refused_before_running(phantom):
+    with pytest.raises(SegmentationError, match="4 classes but the checkpoint has 3"):
+        run(phantom.image, FAST.replace(num_classes=4))
+
+
+def test_nan_scan_is_refused(phantom):
+    data = phantom.image.data.astype(np.float32).copy()
+    data[0, 0, 0] = np.nan
+    with pytest.raises(SegmentationError, match="NaN"):
+        run(phantom.image.with_data(data), FAST)
+
+
+def test_labels_volume_is_refused(phantom):
+    with pytest.raises(SegmentationError, match="labels volume"):
+        run(phantom.labels, FAST)
+
+
+def test_missing_checkpoint_is_refused(phantom, tmp_path):
+    with pytest.raises(SegmentationError, match="does not exist"):
+        run(phantom.image, FAST.replace(checkpoint=str(tmp_path / "nope.safetensors")))
+
+
+def test_prior_of_the_wrong_shape_is_refused(phantom):
+    with pytest.raises(SegmentationError, match="prior labels have shape"):
+        run(phantom.image, FAST.replace(prior="labels"), prior_labels=np.zeros((3, 4, 5), np.uint8))
+
+
+def test_two_d_volume_cannot_be_built():
+    with pytest.raises(ValueError, match="3-D"):
+        Volume(np.zeros((4, 4)), np.eye(4))
