@@ -178,21 +178,11 @@ def phantom_cases(n: int, seed: int = 0, target_spacing=(1.0, 1.0), intensity=No
             spacing=spacing,
         )
         target = np.moveaxis(classes_to_channels(ph.labels.canonical()), 0, 1)
-        posterior = getattr(ph, "posterior_elements", None)
         case = _finish(f"phantom_{seed}_{i}", f"phantom_{seed}_{i}", "phantom", ph.image.canonical(), target,
                        ph.image.orientation.canonical_spacing, target_spacing, np.ones(NUM_CLASSES, bool),
                        False, intensity)
-        if posterior is not None:
-            # the real vertebra masks label bodies only: posterior elements are "unknown" for channel 1
-            unknown = np.zeros(case.target.shape, bool)
-            unknown[:, 1] = _model_grid(np.asarray(posterior, np.uint8), case_spacing(ph), target_spacing, 0) > 0
-            case.unknown = unknown
         cases.append(case)
     return cases
-
-
-def case_spacing(ph) -> tuple[float, float, float]:
-    return ph.image.orientation.canonical_spacing
 
 
 def load_cases(spec: str, target_spacing=(1.0, 1.0), intensity=None, names=None) -> list[TrainCase]:
