@@ -108,3 +108,21 @@ def test_split_cases_keeps_phantoms_in_training(tmp_path, cases):
     w = balanced_weights(train, phantom_share=0.3)
     assert abs(sum(w[i] for i, c in enumerate(train) if c.group == "phantom") - 0.3) < 1e-9
     assert abs(sum(w) - 1) < 1e-9
+
+
+def test_same_train_command_runs_distributed_under_torchrun(tmp_path):
+    """Two CPU processes (gloo) with DistributedDataParallel: rank 0 writes a loadable checkpoint."""
+    import subprocess
+    import sys
+
+    from napari_spinesegdiff.model.checkpoint import load_checkpoint
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "napari_spinesegdiff.cli", "train", "--kind", "baseline", "--data", "phantom:2:3",
+           "--preset", "tiny", "--iterations", "4", "--batch-size", "2", "--crop", "64", "64",
+           "--val-every", "4", "--threads", "1", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    net, meta = load_checkpoint(out / "best.safetensors")
+    assert meta.kind == "baseline" and meta.training["iteration"] == 4

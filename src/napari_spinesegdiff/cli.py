@@ -200,7 +200,8 @@ def cmd_train(args) -> int:
         return _fail(str(exc))
     if not cases:
         return _fail("no training cases were found in the given --data sources.")
-    train_cases, val_cases, split = split_cases(cases, args.splits, args.folds, args.fold, args.seed)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes the splits file
+    train_cases, val_cases, split = split_cases(cases, args.splits, args.folds, args.fold, args.seed, write=rank0)
     print(f"{len(train_cases)} training cases, {len(val_cases)} validation cases, "
           f"{len(split['test'])} test patients held out; data ready in {time.perf_counter() - t0:.0f} s")
     cfg = TrainConfig(kind=args.kind, preset=args.preset, iterations=args.iterations,

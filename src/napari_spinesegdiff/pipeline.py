@@ -312,14 +312,9 @@ def segment(
 def run(volume: Volume, config: SegmentationConfig = SegmentationConfig(), callback=None,
         **kwargs: Any) -> SegmentationResult:
     """Drain :func:`segment` (calling ``callback(event)`` for each event) and return the result."""
-    gen = segment(volume, config, **kwargs)
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if callback is not None:
-            callback(ev)
+    from .model.sampler import run_sampler as drain  # drains any generator that returns its result
+
+    return drain(segment(volume, config, **kwargs), callback)
 
 
 def build_provenance(volume: Volume, config: SegmentationConfig, models: LoadedModels,

@@ -116,6 +116,7 @@ def save_checkpoint(path: str | os.PathLike, module: nn.Module, config: Checkpoi
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: config.to_json()})
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; checkpoints are meant to be shared
         os.replace(tmp, path)
     finally:
         if tmp.exists():

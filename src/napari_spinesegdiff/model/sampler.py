@@ -249,7 +249,9 @@ def _generate(
 
 
 def run_sampler(gen: Generator[StepEvent, None, SampleResult], callback=None) -> SampleResult:
-    """Drain a :func:`sample` generator (calling ``callback(event)`` per step) and return its result."""
+    """Drain a :func:`sample` generator (calling ``callback(event)`` per step) and return its result.
+
+    It works for any generator that returns its result (the pipeline's :func:`segment` too)."""
     while True:
         try:
             event = next(gen)
