@@ -41,8 +41,8 @@ def test_segment_writes_labels_in_the_input_geometry(scan, tmp_path, capsys):
     dices = [float(line.split(":")[1]) for line in printed.splitlines() if line.startswith("Dice ")]
     assert len(dices) == 3
     # Dice over the whole volume counts the unsegmented slices as misses; compare on the chosen slices
-    from napari_spinesegdiff.io.readers import read_volume
     from napari_spinesegdiff.evaluation.metrics import dice_per_class
+    from napari_spinesegdiff.io.readers import read_volume
 
     pred = read_volume(out, kind="labels").canonical()[4:9]
     gt = read_volume(truth, kind="labels").canonical()[4:9]

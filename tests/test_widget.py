@@ -230,7 +230,7 @@ def test_qa_rows_navigate_overlay_follows_threshold_edits_undo(qtbot, phantom_vi
         k, r, c = st.item(0, 0).data(Qt.ItemDataRole.UserRole)
         qtbot.mouseClick(st.viewport(), Qt.MouseButton.LeftButton, pos=st.visualItemRect(st.item(0, 0)).center())
         assert w.current_slice(image) == k
-        centre = viewer.camera.center[-2:]
+        centre = viewer.scene.camera.center[-2:]
         expected = (image.translate[1] + r * image.scale[1], image.translate[2] + c * image.scale[2])
         assert centre == pytest.approx(expected)
 
@@ -248,16 +248,17 @@ def test_qa_rows_navigate_overlay_follows_threshold_edits_undo(qtbot, phantom_vi
     data_id = id(labels.data)
     before = labels.data.copy()
     labels.brush_size = 5
-    labels.paint((6, 100, 100), 3)
+    labels.paint((6, 100, 100), int(before[6, 100, 100]) % 3 + 1)  # a class other than the one there
     assert (labels.data != before).any()
     assert w._paint_events == 1
     labels.undo()
     np.testing.assert_array_equal(labels.data, before)
-    labels.data_setitem((np.array([6]), np.array([50]), np.array([60])), 2)
-    assert labels.data[6, 50, 60] == 2 and id(labels.data) == data_id
+    new = int(before[6, 50, 60]) % 3 + 1
+    labels.data_setitem((np.array([6]), np.array([50]), np.array([60])), new)
+    assert labels.data[6, 50, 60] == new and id(labels.data) == data_id
     w.threshold.setValue(60)
     w.update_overlay()
-    assert labels.data[6, 50, 60] == 2 and id(labels.data) == data_id
+    assert labels.data[6, 50, 60] == new and id(labels.data) == data_id
     labels.undo()
     assert labels.data[6, 50, 60] == before[6, 50, 60]
 

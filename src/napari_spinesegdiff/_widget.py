@@ -935,7 +935,7 @@ class SpineSegDiffWidget(QWidget):
         if center:
             full = list(self.viewer.dims.point)
             full[off:off + 3] = world
-            self.viewer.camera.center = tuple(full[d] for d in self.viewer.dims.displayed)
+            self.viewer.scene.camera.center = tuple(full[d] for d in self.viewer.dims.displayed)
 
     # -------------------------------------------------------------------------------------------- export
 

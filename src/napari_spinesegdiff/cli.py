@@ -201,7 +201,8 @@ def cmd_train(args) -> int:
     if not cases:
         return _fail("no training cases were found in the given --data sources.")
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes the splits file
-    train_cases, val_cases, split = split_cases(cases, args.splits, args.folds, args.fold, args.seed, write=rank0)
+    train_cases, val_cases, split = split_cases(cases, args.splits, args.folds, args.fold, args.seed,
+                                                write=rank0)
     print(f"{len(train_cases)} training cases, {len(val_cases)} validation cases, "
           f"{len(split['test'])} test patients held out; data ready in {time.perf_counter() - t0:.0f} s")
     cfg = TrainConfig(kind=args.kind, preset=args.preset, iterations=args.iterations,
@@ -218,7 +219,8 @@ def cmd_train(args) -> int:
 # ----------------------------------------------------------------------------------------- evaluate
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="Dice / HD95 / uncertainty AUROC on held-out cases, with a report")
-    p.add_argument("--data", action="append", required=True, help="lumbar:PATH | spider:PATH | nnunet:PATH | phantom:N:SEED")
+    p.add_argument("--data", action="append", required=True,
+                   help="lumbar:PATH | spider:PATH | nnunet:PATH | phantom:N:SEED")
     p.add_argument("--splits", type=Path, help="folds JSON: evaluate only the test patients of --fold")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--checkpoint", help="diffusion checkpoint (default: shipped)")

@@ -48,6 +48,7 @@ def _row_range_mask(truth: np.ndarray) -> np.ndarray:
 
 def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = None) -> list[EvalCase]:
     """``lumbar:PATH`` (restricted to ``test_patients`` when given) and ``phantom:N:SEED`` sources."""
+    from ..io.labels import to_classes
     from ..io.readers import read_pair
 
     out: list[EvalCase] = []
@@ -79,8 +80,23 @@ def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = Non
                 deg_mask = getattr(ph, "degenerated_mask", None)
                 out.append(EvalCase(f"phantom_{seed or 100}_{i}", "phantom", ph.image, truth, (1, 2, 3), None,
                                     None if deg_mask is None else np.asarray(deg_mask)))
+        elif kind in ("spider", "nnunet"):
+            root = Path(rest)
+            if kind == "spider":
+                pairs = [(p, root / "masks" / p.name) for p in sorted((root / "images").glob("*.mha"))]
+            else:
+                pairs = [(p, root / "labelsTr" / p.name.replace("_0000.nii.gz", ".nii.gz"))
+                         for p in sorted((root / "imagesTr").glob("*_0000.nii.gz"))]
+            for img, lab in pairs:
+                name = lab.name.split(".")[0]
+                patient = name.split("_")[0] if kind == "spider" else name
+                if not lab.exists() or (test_patients is not None and patient not in test_patients):
+                    continue
+                image, labels = read_pair(img, lab)
+                truth = to_classes(labels.canonical(), scheme="auto").astype(np.uint8)
+                out.append(EvalCase(name, kind, image, truth, (1, 2, 3), None))
         else:
-            raise ValueError(f"evaluate understands lumbar:PATH and phantom:N:SEED sources, not {spec!r}.")
+            raise ValueError(f"evaluate understands lumbar:, spider:, nnunet: and phantom: sources, not {spec!r}.")
     return out
 
 
@@ -188,8 +204,8 @@ def _sweep(cases: Sequence[EvalCase], config: SegmentationConfig, run) -> list[d
             res = run(case.image, cfg, stream_every=0)
             sec = time.perf_counter() - t0
             for r in score_case(case, res.canonical_labels, res.canonical_uncertainty):
-                out.append({"setting": label, **{k: r[k] for k in ("case", "class", "dice", "uncertainty_auroc")},
-                            "seconds": round(sec, 2), "slices": case.image.shape[0]})
+                keep = {k: r[k] for k in ("case", "class", "dice", "uncertainty_auroc")}
+                out.append({"setting": label, **keep, "seconds": round(sec, 2), "slices": case.image.shape[0]})
             print(f"sweep {label}: {case.name} {sec:.1f} s")
     return out
 
@@ -230,7 +246,8 @@ def _report(out_dir: Path, rows, deg_rows, sweep_rows, rel, config, models) -> P
     diff = [r["uncertainty_auroc"] for r in rows if r["method"] == "diffusion"]
     lines += ["", f"Mean uncertainty AUROC for misclassified voxels (diffusion): {np.nanmean(diff):.4f}", ""]
     if deg_rows:
-        lines += ["## Degenerated discs (phantoms)", "", "| method | degenerated | n | mean Dice |", "|---|---|---|---|"]
+        lines += ["## Degenerated discs (phantoms)", "", "| method | degenerated | n | mean Dice |",
+                  "|---|---|---|---|"]
         for m in ("baseline", "diffusion"):
             for d in (True, False):
                 v = [r["dice"] for r in deg_rows if r["method"] == m and r["degenerated"] == d]

@@ -46,7 +46,8 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def reliability(probabilities: np.ndarray, truth: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability(probabilities: np.ndarray, truth: np.ndarray,
+                bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reliability curve: per probability bin, the mean predicted probability, the observed frequency and
     the count."""
     p = np.asarray(probabilities, np.float64).ravel()

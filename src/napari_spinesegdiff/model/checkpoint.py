@@ -23,7 +23,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .network import NetworkConfig, SpineSegDiffNet, json_ready, preset as get_preset
+from .network import NetworkConfig, SpineSegDiffNet, json_ready
+from .network import preset as get_preset
 
 METADATA_KEY = "spinesegdiff"
 CLASS_NAMES = ["spinal canal", "vertebrae", "intervertebral disc"]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .batches import SliceBatches
-from .data import NUM_CLASSES, TrainCase
+from .data import TrainCase
 from .losses import segdiff_loss
 
 CLASS_NAMES = ["spinal canal", "vertebrae", "intervertebral disc"]
@@ -110,7 +110,8 @@ def forward_loss(net, batch: dict[str, torch.Tensor], cfg: TrainConfig, schedule
 @torch.no_grad()
 def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device,
              max_slices: int = 12) -> dict[str, float]:
-    """Cheap, deterministic proxy for model selection: Dice of one prediction per labelled slice (at most ``max_slices`` evenly spaced labelled slices per case).
+    """Cheap, deterministic proxy for model selection: Dice of one prediction per labelled slice (at most
+    ``max_slices`` evenly spaced labelled slices per case).
 
     baseline: the prediction from the image.  diffusion: the x0 prediction from the ground truth noised
     to t in {100, 300, 600, 999} with fixed noise (t = 999 is the image alone).  Dice is 3-D per case and

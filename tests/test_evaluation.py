@@ -1,0 +1,67 @@
+"""Evaluation metrics and per-case scoring on predictions whose scores are known by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_spinesegdiff.evaluation.evaluate import EvalCase, _row_range_mask, score_case
+from napari_spinesegdiff.evaluation.metrics import auroc, dice, dice_per_class, hd95, reliability
+from napari_spinesegdiff.io.volume import Volume
+
+
+def test_dice_by_hand():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2] = True  # 8 voxels
+    b[1:3] = True  # 8 voxels, 4 shared
+    assert dice(a, b) == pytest.approx(2 * 4 / 16)
+    assert dice(a, a) == 1.0
+    assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    mask = np.zeros_like(a)
+    mask[1] = True
+    assert dice(a, b, mask) == 1.0
+
+
+def test_dice_per_class_by_hand():
+    truth = np.array([[1, 1, 2, 2, 3, 0]])
+    pred = np.array([[1, 0, 2, 2, 3, 3]])
+    assert dice_per_class(pred, truth, 3) == pytest.approx([2 / 3, 1.0, 2 / 3])
+
+
+def test_auroc_by_hand():
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    # one inversion out of four positive-negative pairs
+    assert auroc(np.array([0.1, 0.6, 0.5, 0.9]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert np.isnan(auroc(np.array([0.1, 0.2]), np.array([0, 0])))
+
+
+def test_hd95_of_a_shifted_cube_is_the_shift_in_mm():
+    a = np.zeros((20, 20, 20), bool)
+    a[5:10, 5:10, 5:10] = True
+    b = np.roll(a, 2, axis=0)
+    assert hd95(a, b, (1.5, 1.0, 1.0)) == pytest.approx(3.0, abs=1e-6)
+
+
+def test_reliability_bins():
+    p = np.array([0.05, 0.05, 0.95, 0.95])
+    y = np.array([0, 1, 1, 1])
+    mp, fr, cnt = reliability(p, y, bins=10)
+    assert cnt[0] == 2 and cnt[9] == 2
+    assert fr[0] == pytest.approx(0.5) and fr[9] == pytest.approx(1.0)
+
+
+def test_score_case_with_partial_labels_counts_only_the_labelled_range():
+    truth = np.zeros((2, 10, 10), np.uint8)
+    truth[:, 3:6, 2:8] = 3  # a disc in rows 3..5
+    pred = truth.copy()
+    pred[:, 3, 2:8] = 0  # misses one of three rows: Dice 2*24/(24+36) = 0.8
+    pred[:, 8:, :] = 3  # a disc below the labelled range (an unlabelled level): ignored in range
+    unc = (pred != truth).astype(np.float32)  # uncertainty exactly where wrong
+    case = EvalCase("c", "IVD", Volume(np.zeros((2, 10, 10), np.float32), np.eye(4)), truth, (3,),
+                    _row_range_mask(truth))
+    (row,) = score_case(case, pred, unc)
+    assert row["dice"] == pytest.approx(0.8)
+    assert row["dice_whole"] < row["dice"]
+    assert row["uncertainty_auroc"] == 1.0
