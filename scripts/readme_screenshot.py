@@ -4,7 +4,8 @@
 
 Opens SCAN through the plugin's reader, runs the dock widget with the shipped model on the middle slices,
 waits for the result and the QA tables, then saves ``screenshot.png`` (whole window) and
-``denoising.gif`` (the canvas at each streamed step of the trajectory layer).
+``denoising.gif`` (the canvas at each step of a second run on the middle slice from pure noise, replayed
+from the trajectory layer).
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ def main() -> None:
         app.processEvents()
     imwrite(args.out / "screenshot.png", viewer.screenshot(canvas_only=False, flash=False))
 
-    # the denoising history: scrub the trajectory layer's step axis, one canvas per step
+    # the denoising history of one slice from pure noise (no prior): scrub the trajectory's step axis
+    w.prior.value, w.slice_range.value, w.steps.value = "none", f"{mid}:{mid + 1}", 12
+    loop = QEventLoop()
+    w.run_finished.connect(lambda _status: loop.quit())
+    w.run()
+    loop.exec()
+    while getattr(w, "_qa_worker", None) is not None:
+        app.processEvents()
     traj = viewer.layers["denoising trajectory"] if "denoising trajectory" in viewer.layers else None
     if traj is not None:
         for name in ("uncertainty", "uncertain boundary"):
@@ -63,7 +71,7 @@ def main() -> None:
         frames = []
         for k in range(traj.data.shape[0]):
             step = list(viewer.dims.current_step)
-            step[0] = k
+            step[0], step[-3] = k, mid
             viewer.dims.current_step = tuple(step)
             app.processEvents()
             frames.append(np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3])

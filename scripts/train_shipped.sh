@@ -6,15 +6,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${SPINESEGDIFF_DATA:-../shared/data}
-ITER=${ITER:-6000}
+BASE_ITER=${BASE_ITER:-4500}
+DIFF_ITER=${DIFF_ITER:-4000}
+RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
-        --preset small --iterations "$ITER" --batch-size 8 --crop 160 160 --val-every 500 --seed 0
-        --threads "${THREADS:-1}" --no-progress)
+        --preset small --batch-size 8 --crop 160 160 --val-every 500 --seed 0
+        --threads "${THREADS:-1}" --no-progress $RESUME)
 mkdir -p runs
 # the splits file is created by the first command; start the second once it exists
-.venv/bin/spinesegdiff train --kind baseline "${COMMON[@]}" --out runs/baseline > runs/baseline.log 2>&1 &
+.venv/bin/spinesegdiff train --kind baseline --iterations "$BASE_ITER" "${COMMON[@]}" --out runs/baseline \
+    >> runs/baseline.log 2>&1 &
 while [ ! -f runs/splits_lumbar.json ]; do sleep 2; done
-.venv/bin/spinesegdiff train --kind diffusion "${COMMON[@]}" --out runs/diffusion > runs/diffusion.log 2>&1 &
+.venv/bin/spinesegdiff train --kind diffusion --iterations "$DIFF_ITER" "${COMMON[@]}" --out runs/diffusion \
+    >> runs/diffusion.log 2>&1 &
 wait
 cp runs/baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
 cp runs/diffusion/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors

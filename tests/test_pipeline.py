@@ -47,6 +47,9 @@ def test_shipped_model_segments_the_phantom(phantom, result):
     # slices outside the selection are untouched
     assert not res.canonical_labels[:4].any() and not res.canonical_labels[9:].any()
     assert res.slices == (4, 5, 6, 7, 8)
+    from scipy import ndimage
+
+    assert ndimage.label(res.canonical_labels == 1)[1] == 1  # the canal is kept as one 3-D tube
 
 
 def test_uncertainty_is_high_where_the_model_is_wrong(phantom, result):

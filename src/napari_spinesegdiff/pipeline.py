@@ -13,7 +13,8 @@ millimetres -> file order.  Memory for the model stays flat in the number of sli
 
 Label rule: a pixel gets the class whose probability is highest among those above 0.5 (so overlapping
 channels never produce two labels); otherwise background.  Post-processing per class and slice: fill
-holes, then drop connected components smaller than ``min_component_mm2``.
+holes, then drop connected components smaller than ``min_component_mm2``; the spinal canal keeps only its
+largest 3-D connected component (``single_canal``).
 """
 
 from __future__ import annotations
@@ -194,6 +195,16 @@ def _postprocess(labels: np.ndarray, probs: np.ndarray, spacing_mm: tuple[float,
     return out
 
 
+def _keep_largest_component(labels: np.ndarray, cls: int) -> None:
+    """In place: class ``cls`` keeps only its largest 3-D connected component (the canal is one tube)."""
+    from scipy import ndimage
+
+    comp, n = ndimage.label(labels == cls)
+    if n > 1:
+        sizes = np.bincount(comp.ravel())[1:]
+        labels[(comp > 0) & (comp != int(np.argmax(sizes)) + 1)] = 0
+
+
 def segment(
     volume: Volume,
     config: SegmentationConfig = SegmentationConfig(),
@@ -290,6 +301,8 @@ def segment(
         prob_c[:, idx] = np.moveaxis(probs, 1, 0)
         timings["post_s"] += time.perf_counter() - tq
 
+    if config.single_canal:
+        _keep_largest_component(labels_c, 1)
     timings = {k: round(v, 3) for k, v in timings.items()}
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     provenance = build_provenance(volume, config, models, timings, tuple(chosen))
