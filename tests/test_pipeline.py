@@ -133,3 +133,27 @@ def test_prior_of_the_wrong_shape_is_refused(phantom):
 def test_two_d_volume_cannot_be_built():
     with pytest.raises(ValueError, match="3-D"):
         Volume(np.zeros((4, 4)), np.eye(4))
+
+
+def test_roi_is_the_spinal_column_plus_margin_and_pastes_back():
+    import torch
+
+    from napari_spinesegdiff.pipeline import _Roi
+
+    prior = torch.zeros(2, 3, 200, 150)
+    prior[0, 1, 50:120, 40:100] = 1  # the column (vertebrae)
+    prior[1, 2, 120:130, 45:65] = 1  # a disc touching it
+    prior[0, 1, 5:8, 140:145] = 1  # a small spurious blob far away: ignored
+    prior[0, 0, 190:195, 0:5] = 1  # canal false positive: not a column channel
+    roi = _Roi.around(prior, margin_px=10)
+    assert roi.box == (40, 140, 30, 110)
+    x = torch.arange(2 * 200 * 150, dtype=torch.float32).reshape(2, 1, 200, 150)
+    assert roi.crop(x).shape == (2, 1, 100, 80)
+    full = roi.paste(roi.crop(x) * 0 + 7, x, x)
+    assert torch.all(full[..., 40:140, 30:110] == 7)
+    assert torch.equal(full[..., :40, :], x[..., :40, :])
+    assert _Roi.around(None, 10).box is None and _Roi.around(prior, -1).box is None
+    small = torch.zeros(1, 3, 200, 150)
+    small[0, 1, 100:104, 70:72] = 1
+    r0, r1, c0, c1 = _Roi.around(small, margin_px=2).box
+    assert r1 - r0 >= 64 and c1 - c0 >= 64  # never smaller than what the network handles well

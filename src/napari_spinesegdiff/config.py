@@ -34,6 +34,7 @@ class SegmentationConfig:
     batch_slices: int = 4  # slices denoised together (memory stays flat in the scan's slice count)
     min_component_mm2: float = 10.0  # post-processing: drop 2-D components smaller than this area
     fill_holes: bool = True
+    roi_margin_mm: float = 24.0  # refine only the prior's foreground box plus this margin (-1: whole slice)
     single_canal: bool = True  # keep only the largest 3-D connected component of the spinal canal
 
     def __post_init__(self) -> None:

@@ -195,6 +195,59 @@ def _postprocess(labels: np.ndarray, probs: np.ndarray, spacing_mm: tuple[float,
     return out
 
 
+@dataclass(frozen=True)
+class _Roi:
+    """The in-plane box (model grid) that the diffusion refines: the prior's spinal column plus a margin.
+
+    Outside it the presegmentation stands (its probabilities, and -p log p of them as uncertainty); with no
+    prior the box is the whole slice.  Cropping keeps the large field of view of many spine scans (the
+    whole abdomen) from costing denoiser passes, and is close to the crops the model was trained on.
+    """
+
+    box: tuple[int, int, int, int] | None  # r0, r1, c0, c1; None = whole slice
+
+    @classmethod
+    def around(cls, prior, margin_px: float, min_size: int = 64) -> "_Roi":
+        """Box of the largest connected part of the prior's column (vertebrae + discs when there are three
+        classes, else all), projected over the batch's slices, plus ``margin_px``."""
+        if prior is None or margin_px < 0:
+            return cls(None)
+        from scipy import ndimage
+
+        channels = prior[:, 1:] if prior.shape[1] == 3 else prior
+        fg = (channels > 0.5).any(dim=1).any(dim=0).cpu().numpy()
+        comp, n = ndimage.label(fg)
+        if n == 0:
+            return cls(None)
+        fg = comp == int(np.argmax(np.bincount(comp.ravel())[1:])) + 1
+        rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+        m = int(np.ceil(margin_px))
+        box: list[int] = []
+        spans = ((rows[0] - m, rows[-1] + 1 + m, fg.shape[0]), (cols[0] - m, cols[-1] + 1 + m, fg.shape[1]))
+        for lo, hi, size in spans:
+            lo, hi = max(0, int(lo)), min(size, int(hi))
+            short = max(0, min(min_size, size) - (hi - lo))  # keep at least min_size pixels
+            lo = max(0, lo - (short + 1) // 2)
+            hi = min(size, max(hi + short // 2, lo + min(min_size, size)))
+            box += [lo, hi]
+        return cls(tuple(box))  # type: ignore[arg-type]
+
+    def crop(self, t):
+        if t is None or self.box is None:
+            return t
+        r0, r1, c0, c1 = self.box
+        return t[..., r0:r1, c0:c1]
+
+    def paste(self, t, outside, like):
+        """``t`` (ROI) into a full-slice tensor that holds ``outside`` (or zeros) elsewhere."""
+        if self.box is None:
+            return t
+        full = t.new_zeros((*t.shape[:2], *like.shape[-2:])) if outside is None else outside.to(t.dtype).clone()
+        r0, r1, c0, c1 = self.box
+        full[..., r0:r1, c0:c1] = t
+        return full
+
+
 def _keep_largest_component(labels: np.ndarray, cls: int) -> None:
     """In place: class ``cls`` keeps only its largest 3-D connected component (the canal is one tube)."""
     from scipy import ndimage
@@ -219,7 +272,7 @@ def segment(
     import torch
 
     from .model.diffusion import schedule_from_dict
-    from .model.sampler import sample
+    from .model.sampler import sample, step_uncertainty
 
     t0 = time.perf_counter()
     models = models or load_models(config)
@@ -268,9 +321,10 @@ def segment(
                 prior = grid.to_model(torch.from_numpy(onehot.astype(np.float32)).to(dev), mode="nearest")
             timings["prior_s"] += time.perf_counter() - tp
         ts0 = time.perf_counter()
-        gen = sample(models.diffusion, x, schedule=schedule, steps=config.steps,
-                     t_start=config.t_start if use_prior else None, prior=prior, ensemble=config.ensemble,
-                     aggregate_steps=config.aggregate_steps, fusion=config.fusion,
+        roi = _Roi.around(prior, config.roi_margin_mm / float(ckpt.spacing_mm[0]))
+        gen = sample(models.diffusion, roi.crop(x), schedule=schedule, steps=config.steps,
+                     t_start=config.t_start if use_prior else None, prior=roi.crop(prior),
+                     ensemble=config.ensemble, aggregate_steps=config.aggregate_steps, fusion=config.fusion,
                      seed=config.seed + 1000003 * bi, x0_mode=ckpt.x0_mode)
         try:
             while True:
@@ -278,8 +332,9 @@ def segment(
                 last = ev.index == ev.total
                 if stream_every and (ev.index % stream_every == 0 or last):
                     with torch.inference_mode():
-                        p = grid.to_scan(ev.probabilities).float().cpu().numpy()
-                        u = grid.to_scan(ev.uncertainty.amax(dim=1, keepdim=True)).float().cpu().numpy()[:, 0]
+                        p = grid.to_scan(roi.paste(ev.probabilities, prior, x)).float().cpu().numpy()
+                        u = roi.paste(ev.uncertainty.amax(dim=1, keepdim=True), None, x)
+                        u = grid.to_scan(u).float().cpu().numpy()[:, 0]
                     yield StepUpdate(tuple(idx), ev.index, ev.total, ev.t, bi, len(batches), p, u)
                 yield Progress(bi * steps_per_batch + ev.index, total,
                                f"batch {bi + 1}/{len(batches)}, step {ev.index}/{ev.total} (t={ev.t})")
@@ -290,8 +345,10 @@ def segment(
         timings["sampling_s"] += time.perf_counter() - ts0
         tq = time.perf_counter()
         with torch.inference_mode():
-            probs = grid.to_scan(res.probabilities.float()).cpu().numpy()  # (n, C, rows, cols)
-            unc = grid.to_scan(res.uncertainty.float()).amax(dim=1).cpu().numpy()
+            full_p = roi.paste(res.probabilities.float(), prior, x)
+            probs = grid.to_scan(full_p).cpu().numpy()  # (n, C, rows, cols)
+            full_u = roi.paste(res.uncertainty.float(), None if prior is None else step_uncertainty(prior), x)
+            unc = grid.to_scan(full_u).amax(dim=1).cpu().numpy()
         above = probs > 0.5
         best = np.argmax(np.where(above, probs, -1.0), axis=1) + 1
         lab = np.where(above.any(axis=1), best, 0).astype(np.uint8)
