@@ -65,3 +65,18 @@ def test_score_case_with_partial_labels_counts_only_the_labelled_range():
     assert row["dice"] == pytest.approx(0.8)
     assert row["dice_whole"] < row["dice"]
     assert row["uncertainty_auroc"] == 1.0
+
+
+def test_degenerated_disc_mask_marks_exactly_the_degenerated_levels():
+    from scipy import ndimage
+
+    from napari_spinesegdiff.evaluation.evaluate import degenerated_disc_mask
+    from napari_spinesegdiff.phantom import make_phantom
+
+    ph = make_phantom(seed=3, degenerated=["L4/L5"])
+    truth = ph.labels.canonical()
+    mask = degenerated_disc_mask(ph, truth)
+    assert ndimage.label(mask)[1] == 1
+    lev = ph.level("L4/L5")
+    assert mask[truth.shape[0] // 2, int(round(lev.row)), int(round(lev.column))]
+    assert not mask[truth.shape[0] // 2, int(round(ph.level("L2/L3").row)), int(round(ph.level("L2/L3").column))]

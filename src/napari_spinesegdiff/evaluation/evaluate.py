@@ -46,6 +46,19 @@ def _row_range_mask(truth: np.ndarray) -> np.ndarray:
     return m
 
 
+def degenerated_disc_mask(phantom, truth: np.ndarray) -> np.ndarray:
+    """Canonical mask of the phantom's degenerated discs: the 3-D disc components holding the centre of a
+    disc level flagged degenerated."""
+    from scipy import ndimage
+
+    comps, _ = ndimage.label(truth == 3)
+    mid = truth.shape[0] // 2
+    keep = {int(comps[mid, int(round(lev.row)), int(round(lev.column))])
+            for lev in phantom.levels if lev.kind == "disc" and lev.degenerated}
+    keep.discard(0)
+    return np.isin(comps, sorted(keep)) if keep else np.zeros(truth.shape, bool)
+
+
 def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = None) -> list[EvalCase]:
     """``lumbar:PATH`` (restricted to ``test_patients`` when given) and ``phantom:N:SEED`` sources."""
     from ..io.labels import to_classes
@@ -77,9 +90,8 @@ def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = Non
                 ph = make_phantom(seed=int(rng.integers(1 << 30)), contrast="T2w" if i % 2 == 0 else "T1w",
                                   degenerated=deg)
                 truth = ph.labels.canonical().astype(np.uint8)
-                deg_mask = getattr(ph, "degenerated_mask", None)
                 out.append(EvalCase(f"phantom_{seed or 100}_{i}", "phantom", ph.image, truth, (1, 2, 3), None,
-                                    None if deg_mask is None else np.asarray(deg_mask)))
+                                    degenerated_disc_mask(ph, truth)))
         elif kind in ("spider", "nnunet"):
             root = Path(rest)
             if kind == "spider":
