@@ -230,6 +230,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--t-start", type=int, default=300)
     p.add_argument("--ensemble", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="also sweep steps / t_start / ensemble (slow)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.set_defaults(func=cmd_evaluate)
@@ -239,6 +240,10 @@ def cmd_evaluate(args) -> int:
     from .config import SegmentationConfig
     from .evaluation.evaluate import evaluate
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = SegmentationConfig(checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint,
                              steps=args.steps, t_start=args.t_start, ensemble=args.ensemble, seed=args.seed,
                              device=args.device)

@@ -28,9 +28,13 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float
     import torch
     from monai.metrics import compute_hausdorff_distance
 
+    import warnings
+
     p = torch.as_tensor(pred[None, None].astype(np.float32))
     t = torch.as_tensor(truth[None, None].astype(np.float32))
-    return float(compute_hausdorff_distance(p, t, percentile=95, spacing=list(spacing))[0, 0])
+    with warnings.catch_warnings():  # MONAI 1.6 warns about an argument its own code passes
+        warnings.simplefilter("ignore", FutureWarning)
+        return float(compute_hausdorff_distance(p, t, percentile=95, spacing=list(spacing))[0, 0])
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
