@@ -11,7 +11,7 @@ import pytest
 from napari_spinesegdiff.cli import main
 from napari_spinesegdiff.phantom import make_phantom
 
-CLI_DICE_FLOOR = 0.80  # mean over the three classes, fast settings, shipped model
+CLI_DICE_FLOOR = 0.90  # mean over the three classes, fast settings, shipped model (measured ~0.97)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from napari_spinesegdiff.phantom import make_phantom
 from napari_spinesegdiff.pipeline import Progress, SegmentationError, StepUpdate, run, segment
 
 #: Mean Dice (canal, vertebrae, disc) the shipped model reaches on a phantom with the fast test settings.
-PHANTOM_DICE_FLOOR = 0.80
+PHANTOM_DICE_FLOOR = 0.90
 FAST = SegmentationConfig(steps=3, ensemble=2, t_start=300, slices="4:9", batch_slices=5)
 
 
@@ -157,3 +157,13 @@ def test_roi_is_the_spinal_column_plus_margin_and_pastes_back():
     small[0, 1, 100:104, 70:72] = 1
     r0, r1, c0, c1 = _Roi.around(small, margin_px=2).box
     assert r1 - r0 >= 64 and c1 - c0 >= 64  # never smaller than what the network handles well
+
+
+def test_steps_plus_prior_uncertainty_bounds_the_step_map(phantom):
+    cfg = FAST.replace(slices="6", steps=2)
+    steps_only = run(phantom.image, cfg.replace(uncertainty="steps"), stream_every=0)
+    both = run(phantom.image, cfg, stream_every=0)
+    assert cfg.uncertainty == "steps+prior"  # the default
+    assert np.array_equal(steps_only.canonical_labels, both.canonical_labels)
+    assert np.all(both.canonical_uncertainty >= steps_only.canonical_uncertainty - 1e-7)
+    assert np.any(both.canonical_uncertainty > steps_only.canonical_uncertainty + 1e-3)

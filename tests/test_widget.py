@@ -25,9 +25,9 @@ from napari_spinesegdiff._widget import (  # noqa: E402
 from napari_spinesegdiff.evaluation.metrics import dice  # noqa: E402
 from napari_spinesegdiff.io.readers import read_volume  # noqa: E402
 
-# Mean foreground Dice the shipped model must reach on the phantom's segmented slices.  The shipped
-# checkpoints are untrained placeholders for now, so the floor is 0; the lead raises it with the real model.
-DICE_FLOOR = 0.0
+# Mean foreground Dice the shipped model must reach on the phantom's segmented slices with the test's fast
+# settings (the shipped model reaches about 0.97 on phantoms with the defaults).
+DICE_FLOOR = 0.85
 
 IMAGE = "phantom T2w"
 TRUTH = "phantom truth"

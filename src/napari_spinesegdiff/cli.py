@@ -46,6 +46,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--ensemble", type=int, default=5, help="stochastic samples S (default 5)")
     p.add_argument("--aggregate-steps", type=int, help="fuse only the last Ts steps (default all)")
     p.add_argument("--fusion", choices=["step_uncertainty", "diffunet"], default="step_uncertainty")
+    p.add_argument("--uncertainty", choices=["steps+prior", "steps"], default="steps+prior",
+                   help="steps: the paper's step-uncertainty map; steps+prior (default): its max with the "
+                        "presegmentation's own -p log p")
     p.add_argument("--prior", default="baseline", help="baseline | none | PATH to a labels file (default baseline)")
     p.add_argument("--classes", type=int, help="expected number of classes (checked against the checkpoint)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,7 +77,8 @@ def cmd_segment(args) -> int:
         cfg = SegmentationConfig(
             checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint, steps=args.steps,
             t_start=args.t_start, ensemble=args.ensemble, aggregate_steps=args.aggregate_steps,
-            fusion=args.fusion, prior=args.prior, num_classes=args.classes, device=args.device,
+            fusion=args.fusion, uncertainty=args.uncertainty, prior=args.prior, num_classes=args.classes,
+            device=args.device,
             seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
         )
         volume = read_volume(args.scan, kind="image")

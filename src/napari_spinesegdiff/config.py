@@ -9,6 +9,7 @@ from typing import Any, Literal
 Prior = str  # "baseline", "none", "labels" (an array the caller passes), or a path to a labels file
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Fusion = Literal["step_uncertainty", "diffunet"]
+Uncertainty = Literal["steps+prior", "steps"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class SegmentationConfig:
     ensemble: int = 5  # stochastic samples S, run as one batch
     aggregate_steps: int | None = None  # Ts: last steps fused; None = all steps
     fusion: Fusion = "step_uncertainty"
+    # "steps": the paper's step-uncertainty map (max over the fused steps of -p log p);
+    # "steps+prior": its voxel-wise max with the presegmentation's own -p log p (the doubt of the whole
+    # pipeline; finds misclassified voxels better, see the README's model card)
+    uncertainty: Uncertainty = "steps+prior"
     prior: Prior = "baseline"
     num_classes: int | None = None  # None = take it from the checkpoint; a mismatch is refused
     device: Device = "auto"
@@ -48,6 +53,8 @@ class SegmentationConfig:
             raise ValueError(f"aggregate_steps must be at least 1, got {self.aggregate_steps}.")
         if self.fusion not in ("step_uncertainty", "diffunet"):
             raise ValueError(f"fusion must be 'step_uncertainty' or 'diffunet', got {self.fusion!r}.")
+        if self.uncertainty not in ("steps+prior", "steps"):
+            raise ValueError(f"uncertainty must be 'steps+prior' or 'steps', got {self.uncertainty!r}.")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}.")
         if self.batch_slices < 1:

@@ -70,8 +70,9 @@ class SegmentationResult:
     uncertainty: Volume  # float32, max over classes of the step-uncertainty map
     probabilities: list[Volume]  # one float32 volume per class
     canonical_labels: np.ndarray  # the same, in the canonical sagittal view (for napari)
-    canonical_uncertainty: np.ndarray
+    canonical_uncertainty: np.ndarray  # (N, rows, cols): max over classes
     canonical_probabilities: np.ndarray  # (C, N, rows, cols)
+    canonical_class_uncertainty: np.ndarray  # (C, N, rows, cols): the uncertainty of each class
     slices: tuple[int, ...]
     class_names: list[str]
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -300,6 +301,7 @@ def segment(
 
     labels_c = np.zeros((n_slices, rows, cols), np.uint8)
     unc_c = np.zeros((n_slices, rows, cols), np.float32)
+    cunc_c = np.zeros((ncls, n_slices, rows, cols), np.float32)
     prob_c = np.zeros((ncls, n_slices, rows, cols), np.float32)
     batches = [list(chosen)[i:i + config.batch_slices] for i in range(0, len(chosen), config.batch_slices)]
     use_prior = config.prior != "none"
@@ -347,14 +349,22 @@ def segment(
         with torch.inference_mode():
             full_p = roi.paste(res.probabilities.float(), prior, x)
             probs = grid.to_scan(full_p).cpu().numpy()  # (n, C, rows, cols)
-            full_u = roi.paste(res.uncertainty.float(), None if prior is None else step_uncertainty(prior), x)
-            unc = grid.to_scan(full_u).amax(dim=1).cpu().numpy()
+            if res.steps_run == 0:  # the presegmentation stands: its own -p log p is the uncertainty
+                full_u = step_uncertainty(full_p)
+            else:
+                prior_u = None if prior is None else step_uncertainty(prior)
+                full_u = roi.paste(res.uncertainty.float(), prior_u, x)
+                if prior_u is not None and config.uncertainty == "steps+prior":
+                    full_u = torch.maximum(full_u, prior_u)
+            class_unc = grid.to_scan(full_u).cpu().numpy()  # (n, C, rows, cols)
+            unc = class_unc.max(axis=1)
         above = probs > 0.5
         best = np.argmax(np.where(above, probs, -1.0), axis=1) + 1
         lab = np.where(above.any(axis=1), best, 0).astype(np.uint8)
         for j, k in enumerate(idx):
             labels_c[k] = _postprocess(lab[j], probs[j], (spacing[1], spacing[2]), config)
         unc_c[idx] = unc
+        cunc_c[:, idx] = np.moveaxis(class_unc, 1, 0)
         prob_c[:, idx] = np.moveaxis(probs, 1, 0)
         timings["post_s"] += time.perf_counter() - tq
 
@@ -371,6 +381,7 @@ def segment(
         canonical_labels=labels_c,
         canonical_uncertainty=unc_c,
         canonical_probabilities=prob_c,
+        canonical_class_uncertainty=cunc_c,
         slices=tuple(chosen),
         class_names=list(ckpt.class_names),
         provenance=provenance,
@@ -382,7 +393,9 @@ def segment(
 def run(volume: Volume, config: SegmentationConfig = SegmentationConfig(), callback=None,
         **kwargs: Any) -> SegmentationResult:
     """Drain :func:`segment` (calling ``callback(event)`` for each event) and return the result."""
-    from .model.sampler import run_sampler as drain  # drains any generator that returns its result
+    from .model.sampler import (
+        run_sampler as drain,  # drains any generator that returns its result
+    )
 
     return drain(segment(volume, config, **kwargs), callback)
 

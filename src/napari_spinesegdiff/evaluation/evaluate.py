@@ -112,8 +112,11 @@ def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = Non
     return out
 
 
-def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray) -> list[dict]:
-    """One row per labelled class: Dice in range and whole volume, HD95 in range, uncertainty AUROC."""
+def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
+               class_uncertainty: np.ndarray | None = None) -> list[dict]:
+    """One row per labelled class: Dice in range and whole volume, HD95 in range, and the AUROC of the
+    uncertainty map (max over classes) for the misclassified voxels; with ``class_uncertainty``
+    (C, ...) also the AUROC of the labelled classes' own uncertainty (``uncertainty_auroc_class``)."""
     spacing = case.image.orientation.canonical_spacing
     rows = []
     region = case.in_range if case.in_range is not None else np.ones(case.truth.shape, bool)
@@ -130,8 +133,13 @@ def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray) -> l
     slices = case.truth.any(axis=(1, 2))
     sel = region & slices[:, None, None]
     au = auroc(uncertainty[sel], errors[sel])
+    au_cls = float("nan")
+    if class_uncertainty is not None:
+        own = np.max([class_uncertainty[c - 1] for c in case.classes], axis=0)
+        au_cls = auroc(own[sel], errors[sel])
     for r in rows:
         r["uncertainty_auroc"] = round(au, 4)
+        r["uncertainty_auroc_class"] = round(au_cls, 4)
         r["error_fraction"] = round(float(errors[sel].mean()), 5)
     return rows
 
@@ -178,7 +186,8 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
             t0 = time.perf_counter()
             res = run(case.image, cfg, stream_every=0)
             seconds = time.perf_counter() - t0
-            for r in score_case(case, res.canonical_labels, res.canonical_uncertainty):
+            for r in score_case(case, res.canonical_labels, res.canonical_uncertainty,
+                                res.canonical_class_uncertainty):
                 rows.append({"method": method, **r, "seconds": round(seconds, 2)})
             deg_rows += _degenerated_rows(case, res.canonical_labels, method)
             if method == "diffusion":
@@ -257,13 +266,17 @@ def _report(out_dir: Path, rows, deg_rows, sweep_rows, rel, config, models) -> P
              f"Checkpoint: `{models.diffusion_path}`; baseline: `{models.baseline_path}`.",
              f"Settings: {json.dumps(config.to_dict())}", "", "## Dice in the labelled range (3-D)", ""]
     lines += _mean_table(rows) + ["", "## Per case", "",
-                                  "| case | class | method | Dice | Dice whole | HD95 mm | AUROC | s |",
-                                  "|---|---|---|---|---|---|---|---|"]
+                                  "| case | class | method | Dice | Dice whole | HD95 mm | AUROC | AUROC class | s |",
+                                  "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['class']} | {r['method']} | {r['dice']:.4f} | {r['dice_whole']:.4f} | "
-                     f"{r['hd95_mm']} | {r['uncertainty_auroc']} | {r['seconds']} |")
-    diff = [r["uncertainty_auroc"] for r in rows if r["method"] == "diffusion"]
-    lines += ["", f"Mean uncertainty AUROC for misclassified voxels (diffusion): {np.nanmean(diff):.4f}", ""]
+                     f"{r['hd95_mm']} | {r['uncertainty_auroc']} | {r['uncertainty_auroc_class']} | {r['seconds']} |")
+    for m in ("baseline", "diffusion"):
+        au = [r["uncertainty_auroc"] for r in rows if r["method"] == m]
+        auc = [r["uncertainty_auroc_class"] for r in rows if r["method"] == m]
+        lines.append(f"\nMean AUROC for misclassified voxels, {m}: map {np.nanmean(au):.4f}, "
+                     f"labelled class's own map {np.nanmean(auc):.4f}" if au else "")
+    lines += ["", "(baseline: the uncertainty is -p log p of the presegmentation's own probabilities)", ""]
     if deg_rows:
         lines += ["## Degenerated discs (phantoms)", "", "| method | degenerated | n | mean Dice |",
                   "|---|---|---|---|"]

@@ -25,10 +25,10 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float
     """95th percentile Hausdorff distance in mm (MONAI); nan when either mask is empty."""
     if not pred.any() or not truth.any():
         return float("nan")
+    import warnings
+
     import torch
     from monai.metrics import compute_hausdorff_distance
-
-    import warnings
 
     p = torch.as_tensor(pred[None, None].astype(np.float32))
     t = torch.as_tensor(truth[None, None].astype(np.float32))

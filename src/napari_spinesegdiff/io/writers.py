@@ -16,7 +16,14 @@ from typing import Any, Literal
 import numpy as np
 
 from .labels import is_integral
-from .readers import KIND_KEY, PROVENANCE_KEY, PROVENANCE_PREFIX, file_suffix, has_shear, nifti_header_affine
+from .readers import (
+    KIND_KEY,
+    PROVENANCE_KEY,
+    PROVENANCE_PREFIX,
+    file_suffix,
+    has_shear,
+    nifti_header_affine,
+)
 from .volume import Volume
 
 WriteKind = Literal["labels", "image"]

@@ -14,8 +14,21 @@ from .checkpoint import (
 )
 from .device import resolve_device
 from .diffusion import CosineSchedule, schedule_from_dict
-from .network import PRESETS, NetworkConfig, SpineSegDiffNet, build_network, load_network
-from .sampler import SampleResult, StepEvent, run_sampler, sample, step_uncertainty, step_weights
+from .network import (
+    PRESETS,
+    NetworkConfig,
+    SpineSegDiffNet,
+    build_network,
+    load_network,
+)
+from .sampler import (
+    SampleResult,
+    StepEvent,
+    run_sampler,
+    sample,
+    step_uncertainty,
+    step_weights,
+)
 
 __all__ = [
     "PRESETS",
