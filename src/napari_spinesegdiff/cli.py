@@ -46,7 +46,7 @@ def _add_segment(sub) -> None:
     p.add_argument("--ensemble", type=int, default=5, help="stochastic samples S (default 5)")
     p.add_argument("--aggregate-steps", type=int, help="fuse only the last Ts steps (default all)")
     p.add_argument("--fusion", choices=["step_uncertainty", "diffunet"], default="step_uncertainty")
-    p.add_argument("--uncertainty", choices=["steps+prior", "steps"], default="steps+prior",
+    p.add_argument("--uncertainty-mode", choices=["steps+prior", "steps"], default="steps+prior",
                    help="steps: the paper's step-uncertainty map; steps+prior (default): its max with the "
                         "presegmentation's own -p log p")
     p.add_argument("--prior", default="baseline", help="baseline | none | PATH to a labels file (default baseline)")
@@ -77,7 +77,7 @@ def cmd_segment(args) -> int:
         cfg = SegmentationConfig(
             checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint, steps=args.steps,
             t_start=args.t_start, ensemble=args.ensemble, aggregate_steps=args.aggregate_steps,
-            fusion=args.fusion, uncertainty=args.uncertainty, prior=args.prior, num_classes=args.classes,
+            fusion=args.fusion, uncertainty=args.uncertainty_mode, prior=args.prior, num_classes=args.classes,
             device=args.device,
             seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
         )
