@@ -255,6 +255,17 @@ class RunState:
     batch_counts: dict[int, int] = field(default_factory=dict)
 
 
+def _import_model_code() -> None:
+    """Import torch, MONAI and the model code when the dock opens (about a second, once per session).
+
+    Done on the GUI thread on purpose: a first import inside the worker holds the interpreter lock for
+    long stretches and stalled the GUI by ~200 ms at the start of the first run."""
+    import scipy.ndimage  # noqa: F401
+    import torch  # noqa: F401
+
+    from .model import baseline, checkpoint, diffusion, network, sampler  # noqa: F401
+
+
 def _segment_in_thread(volume: Volume, config: SegmentationConfig, prior: np.ndarray | None, stream_every: int,
                        state: RunState):
     """Worker generator: yields ``Progress`` and :class:`StreamFrame`; returns the ``SegmentationResult``."""
@@ -345,6 +356,7 @@ class SpineSegDiffWidget(QWidget):
         self._pending_timer = QTimer(self)
         self._pending_timer.setInterval(10)  # > 0 so that other timers and input get a turn between stages
         self._pending_timer.timeout.connect(self._run_pending)
+        _import_model_code()
         self._build()
         self._apply_settings(load_settings())
         self._on_checkpoint_changed()

@@ -129,7 +129,10 @@ def load_models(config: SegmentationConfig) -> LoadedModels:
         base = Path(config.baseline_checkpoint) if config.baseline_checkpoint else SHIPPED_BASELINE
         if not base.exists():
             raise SegmentationError(f"Baseline checkpoint {base} does not exist; use --prior none or a labels file.")
-    return _load_models_cached(str(path.resolve()), str(base.resolve()) if base else None, config.device)
+    from .model.device import resolve_device
+
+    device = str(resolve_device(config.device)[0])  # "auto" and what it picks share one cache entry
+    return _load_models_cached(str(path.resolve()), str(base.resolve()) if base else None, device)
 
 
 def _validate(volume: Volume, config: SegmentationConfig, models: LoadedModels) -> None:
