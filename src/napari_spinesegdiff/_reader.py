@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import CLASS_COLORS
 from .io.labels import is_spider_mask, to_classes
 from .io.orientation import napari_geometry
 from .io.readers import (
@@ -31,8 +32,6 @@ from .io.volume import Volume
 
 LayerData = tuple[Any, dict[str, Any], str]
 
-#: Colours of the product classes: 1 spinal canal, 2 vertebrae, 3 intervertebral disc.
-CLASS_COLORS = {0: "transparent", 1: "yellow", 2: "#4da6ff", 3: "#ff6f61", None: "transparent"}
 
 
 def _claims(path: str | Path) -> bool:

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import CLASS_COLORS
 from .io import napari_geometry
 from .phantom import Phantom, make_phantom
 
-#: Label colours of the truth/prediction layers: canal yellow, vertebrae blue, discs coral.
-LABEL_COLORS: dict[int | None, str] = {
-    None: "transparent",
-    0: "transparent",
-    1: "yellow",
-    2: "#4da6ff",
-    3: "#ff6f61",
-}
+#: Label colours of the truth/prediction layers (one table for the whole package).
+LABEL_COLORS = CLASS_COLORS
 
 LayerData = tuple[Any, dict[str, Any], str]
 

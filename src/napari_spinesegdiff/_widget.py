@@ -58,7 +58,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from . import __version__
+from . import CLASS_COLORS, __version__
 from ._qa import (
     MAX_UNCERTAINTY,
     classes_from_probabilities,
@@ -89,7 +89,7 @@ TRAJECTORY_NAME = "denoising trajectory"
 OVERLAY_NAME = "uncertain boundary"
 OUTPUT_KEY = "spinesegdiff_output"  # metadata flag of the layers this widget makes
 
-LABEL_COLORS: dict[int | None, str] = {None: "transparent", 0: "transparent", 1: "yellow", 2: "#4da6ff", 3: "#ff6f61"}
+LABEL_COLORS = CLASS_COLORS
 SLICE_MODES = ("current slice", "all slices", "range")
 
 TIPS = {

@@ -142,19 +142,15 @@ def _print_dice(labels, truth_path: Path, names) -> dict[str, float]:
 
 
 def _suffixed(path: Path, tag: str) -> Path:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(ext):
-            return path.with_name(name[: -len(ext)] + f"_{tag}" + ext)
-    return path.with_name(name + f"_{tag}")
+    from .io.readers import file_stem, file_suffix
+
+    return path.with_name(f"{file_stem(path)}_{tag}{file_suffix(path)}")
 
 
 def _sidecar(path: Path) -> Path:
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".mha", ".nrrd"):
-        if name.endswith(ext):
-            return path.with_name(name[: -len(ext)] + ".json")
-    return path.with_name(name + ".json")
+    from .io.readers import file_stem
+
+    return path.with_name(file_stem(path) + ".json")
 
 
 def _write_json(path: Path, data) -> None:

@@ -19,7 +19,6 @@ largest 3-D connected component (``single_canal``).
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -88,14 +87,6 @@ class LoadedModels:
     device_message: str
     diffusion_path: str
     baseline_path: str | None
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @lru_cache(maxsize=4)
@@ -408,6 +399,8 @@ def build_provenance(volume: Volume, config: SegmentationConfig, models: LoadedM
     """Everything needed to know how a result was made (the JSON sidecar of every written output)."""
     import monai
     import torch
+
+    from .model.checkpoint import file_sha256 as sha256_file
 
     src = volume.source
     return {

@@ -135,11 +135,9 @@ def _paired_layout(images: list[Path], label_for, group: str, target_spacing, in
 
 
 def _case_name(path: Path) -> str:
-    n = path.name
-    for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"):
-        if n.endswith(ext):
-            n = n[: -len(ext)]
-    return re.sub(r"_0000$", "", n)
+    from ..io.readers import file_stem
+
+    return re.sub(r"_0000$", "", file_stem(path))
 
 
 def spider_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
