@@ -126,3 +126,44 @@ def test_same_train_command_runs_distributed_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     net, meta = load_checkpoint(out / "best.safetensors")
     assert meta.kind == "baseline" and meta.training["iteration"] == 4
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the denoiser: records what it is given and predicts zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x_t, t, image):
+        self.seen.append((x_t.clone(), t.clone()))
+        return torch.zeros_like(x_t, requires_grad=True)
+
+
+class _ConstantPrior(torch.nn.Module):
+    def forward(self, image):
+        return torch.full((image.shape[0], 3, *image.shape[2:]), 30.0)  # sigmoid = 1 everywhere
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_prior_training_noises_the_presegmentation_instead_of_the_truth(share):
+    """With a prior network, low-t inputs are q_sample(2 * sigmoid(prior) - 1, t) on every channel, with the
+    same noise the truth would have had; with share 0 the inputs stay the noised truth."""
+    from napari_spinesegdiff.model.diffusion import CosineSchedule
+    from napari_spinesegdiff.training.train import TrainConfig, forward_loss
+
+    schedule = CosineSchedule(1000)
+    b = 16
+    batch = {"image": torch.randn(b, 1, 12, 12), "target": torch.zeros(b, 3, 12, 12),
+             "known": torch.ones(b, 3, 12, 12)}
+    cfg = TrainConfig(kind="diffusion", t_focus=400, prior_share=share)
+    plain, with_prior = _Recorder(), _Recorder()
+    forward_loss(plain, batch, cfg, schedule, torch.Generator().manual_seed(3))
+    forward_loss(with_prior, batch, cfg, schedule, torch.Generator().manual_seed(3), prior_net=_ConstantPrior())
+    (x_truth, t), (x_prior, t2) = plain.seen[0], with_prior.seen[0]
+    assert torch.equal(t, t2)
+    root_ab = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32)[t].sqrt()[:, None, None, None]
+    expected = torch.where((t < 400)[:, None, None, None] & (share > 0), x_truth + 2.0 * root_ab, x_truth)
+    assert torch.allclose(x_prior, expected, atol=1e-3)
+    if share > 0:
+        assert bool((t < 400).any()) and bool((t >= 400).any())  # both kinds of sample occurred

@@ -184,6 +184,10 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--init", help="start from these weights")
+    p.add_argument("--prior", help="diffusion only: a baseline checkpoint; a share of the low-t samples starts "
+                                   "from its prediction noised to t, as at inference with presegmentation")
+    p.add_argument("--prior-share", type=float, default=0.5,
+                   help="share of low-t samples that start from --prior (default 0.5)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last_state.pt")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -209,7 +213,8 @@ def cmd_train(args) -> int:
                       batch_size=args.batch_size, crop=tuple(args.crop), lr=args.lr, warmup=args.warmup,
                       phantom_share=args.phantom_share,
                       spacing_mm=tuple(args.spacing), val_every=args.val_every, seed=args.seed,
-                      threads=args.threads, device=args.device, init=args.init, data=list(args.data),
+                      threads=args.threads, device=args.device, init=args.init, prior=args.prior,
+                      prior_share=args.prior_share, data=list(args.data),
                       command="spinesegdiff " + " ".join(sys.argv[1:]))
     best = train(cfg, train_cases, val_cases, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"best checkpoint: {best}")

@@ -51,6 +51,8 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
     init: str | None = None  # start from these weights (fine-tuning)
+    prior: str | None = None  # diffusion only: a baseline checkpoint whose predictions are noised as inputs
+    prior_share: float = 0.5  # share of low-t samples that start from the prior instead of the truth
     data: list[str] = field(default_factory=list)
     command: str = ""
 
@@ -89,8 +91,14 @@ def checkpoint_config(cfg: TrainConfig, net_cfg, metrics: dict, extra: dict) -> 
     }
 
 
-def forward_loss(net, batch: dict[str, torch.Tensor], cfg: TrainConfig, schedule, gen: torch.Generator):
-    """The training loss of one batch for either kind."""
+def forward_loss(net, batch: dict[str, torch.Tensor], cfg: TrainConfig, schedule, gen: torch.Generator,
+                 prior_net: torch.nn.Module | None = None):
+    """The training loss of one batch for either kind.
+
+    With ``prior_net`` (a baseline segmenter) a share of the low-t diffusion samples is the baseline's
+    probability map noised to t, on every channel, as at inference with presegmentation: the model learns
+    to correct the presegmentation's errors from the image instead of trusting a noised ground truth.
+    """
     image, target, known = batch["image"], batch["target"], batch["known"]
     if cfg.kind == "baseline":
         logits = net(image)
@@ -103,19 +111,27 @@ def forward_loss(net, batch: dict[str, torch.Tensor], cfg: TrainConfig, schedule
     x_t = schedule.q_sample(target * 2 - 1, t, noise)
     pure = torch.randn(target.shape, generator=gen).to(image.device)
     x_t = torch.where(known > 0, x_t, pure)
+    if prior_net is not None:
+        from_prior = (torch.rand(b, generator=gen) < cfg.prior_share).to(image.device) & (t < cfg.t_focus)
+        if bool(from_prior.any()):
+            with torch.no_grad():
+                x0_prior = 2.0 * torch.sigmoid(prior_net(image)) - 1.0
+            x_prior = schedule.q_sample(x0_prior, t, noise)
+            x_t = torch.where(from_prior[:, None, None, None], x_prior, x_t)
     logits = net(x_t, t, image)
     return segdiff_loss(logits, target, known)
 
 
 @torch.no_grad()
 def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device,
-             max_slices: int = 12) -> dict[str, float]:
+             max_slices: int = 12, prior_net: torch.nn.Module | None = None) -> dict[str, float]:
     """Cheap, deterministic proxy for model selection: Dice of one prediction per labelled slice (at most
     ``max_slices`` evenly spaced labelled slices per case).
 
     baseline: the prediction from the image.  diffusion: the x0 prediction from the ground truth noised
-    to t in {100, 300, 600, 999} with fixed noise (t = 999 is the image alone).  Dice is 3-D per case and
-    channel over known pixels, averaged.
+    to t in {100, 300, 600, 999} with fixed noise (t = 999 is the image alone); with ``prior_net`` the
+    baseline's prediction noised to t in {100, 300} instead (what inference with presegmentation sees).
+    Dice is 3-D per case and channel over known pixels, averaged.
     """
     net.eval()
     gen = torch.Generator().manual_seed(1234)
@@ -128,7 +144,10 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
         image = torch.as_tensor(case.image[sel, None]).to(device)
         target = torch.as_tensor(case.target[sel], dtype=torch.float32).to(device)
         known = torch.as_tensor(np.stack([case.known_mask(k) for k in sel]), dtype=torch.float32).to(device)
-        ts = [None] if cfg.kind == "baseline" else [100, 300, 600, 999]
+        if cfg.kind == "baseline":
+            ts = [None]
+        else:
+            ts = [100, 300] if prior_net is not None else [100, 300, 600, 999]
         for tv in ts:
             preds = []
             for i in range(0, len(sel), 8):
@@ -138,7 +157,8 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
                 else:
                     t = torch.full((len(img),), tv, device=device)
                     noise = torch.randn(tgt.shape, generator=gen).to(device)
-                    logits = net(schedule.q_sample(tgt * 2 - 1, t, noise), t, img)
+                    x0 = tgt * 2 - 1 if prior_net is None else 2.0 * torch.sigmoid(prior_net(img)) - 1.0
+                    logits = net(schedule.q_sample(x0, t, noise), t, img)
                 preds.append((logits > 0).float())
             pred = torch.cat(preds) * known
             tgt = target * known
@@ -180,6 +200,17 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
         init_net, _ = load_checkpoint(cfg.init)
         net.load_state_dict(init_net.state_dict())
     net.to(device).train()
+    prior_net = None
+    if cfg.prior and cfg.kind == "diffusion":
+        from ..model.checkpoint import load_checkpoint
+
+        prior_net, prior_meta = load_checkpoint(cfg.prior)
+        if prior_meta.kind != "baseline":
+            raise ValueError(f"The prior {cfg.prior} is a {prior_meta.kind} checkpoint, not a baseline.")
+        if prior_net.num_classes != net.num_classes:
+            raise ValueError(f"The prior {cfg.prior} has {prior_net.num_classes} classes; the model has "
+                             f"{net.num_classes}.")
+        prior_net.to(device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = CosineSchedule(1000)
     start, best, wall0 = 0, -1.0, 0.0
@@ -213,7 +244,7 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
             for g in opt.param_groups:
                 g["lr"] = _lr_at(it, cfg)
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            losses = forward_loss(model, batch, cfg, schedule, gen)
+            losses = forward_loss(model, batch, cfg, schedule, gen, prior_net=prior_net)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -224,7 +255,7 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
             last = it + 1 == cfg.iterations
             if rank == 0 and ((it + 1) % cfg.val_every == 0 or last):
-                val = validate(net, val_cases, cfg, schedule, device) if val_cases else {"val_dice": float("nan")}
+                val = validate(net, val_cases, cfg, schedule, device, prior_net=prior_net) if val_cases else {"val_dice": float("nan")}
                 wall = time.perf_counter() - t0
                 writer.writerow([it + 1, f"{_lr_at(it, cfg):.3g}", f"{np.mean(running):.5f}",
                                  f"{float(losses['dice']):.5f}", f"{float(losses['bce']):.5f}",
