@@ -80,3 +80,18 @@ def test_degenerated_disc_mask_marks_exactly_the_degenerated_levels():
     lev = ph.level("L4/L5")
     assert mask[truth.shape[0] // 2, int(round(lev.row)), int(round(lev.column))]
     assert not mask[truth.shape[0] // 2, int(round(ph.level("L2/L3").row)), int(round(ph.level("L2/L3").column))]
+
+
+def test_split_patients_picks_the_subset_and_refuses_missing_folds(tmp_path):
+    import json
+
+    from napari_spinesegdiff.evaluation.evaluate import split_patients
+
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps([{"train": ["A"], "val": ["B", "C"], "test": ["D"]}]))
+    assert split_patients(path, 0) == {"D"}
+    assert split_patients(path, 0, "val") == {"B", "C"}
+    with pytest.raises(ValueError, match="fold 1 does not exist"):
+        split_patients(path, 1)
+    with pytest.raises(ValueError, match="subset"):
+        split_patients(path, 0, "train")

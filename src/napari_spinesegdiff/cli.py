@@ -227,6 +227,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data", action="append", required=True,
                    help="lumbar:PATH | spider:PATH | nnunet:PATH | phantom:N:SEED")
     p.add_argument("--splits", type=Path, help="folds JSON: evaluate only the test patients of --fold")
+    p.add_argument("--subset", choices=["test", "val"], default="test",
+                   help="with --splits: the fold's test patients (default) or its validation patients, "
+                        "to choose settings without looking at the test set")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--checkpoint", help="diffusion checkpoint (default: shipped)")
     p.add_argument("--baseline-checkpoint", help="baseline checkpoint (default: shipped)")
@@ -253,7 +256,8 @@ def cmd_evaluate(args) -> int:
                              steps=args.steps, t_start=args.t_start, ensemble=args.ensemble, seed=args.seed,
                              device=args.device)
     try:
-        report = evaluate(args.data, cfg, args.out, splits=args.splits, fold=args.fold, sweep=args.sweep)
+        report = evaluate(args.data, cfg, args.out, splits=args.splits, fold=args.fold, sweep=args.sweep,
+                          subset=args.subset)
     except ValueError as exc:
         return _fail(str(exc))
     print(f"wrote {report}")

@@ -165,16 +165,28 @@ def _degenerated_rows(case: EvalCase, labels: np.ndarray, method: str) -> list[d
     return out
 
 
+def split_patients(splits: Path, fold: int, subset: str = "test") -> set[str]:
+    """The patients of one subset ("test" or "val") of one fold of a folds JSON."""
+    if subset not in ("test", "val"):
+        raise ValueError(f"subset must be 'test' or 'val', got {subset!r}.")
+    folds = json.loads(Path(splits).read_text())
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"{splits} has {len(folds)} folds; fold {fold} does not exist.")
+    return set(folds[fold][subset])
+
+
 def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, splits: Path | None = None,
-             fold: int = 0, sweep: bool = False) -> Path:
-    """Run the evaluation and write ``per_case.csv``, ``sweep.csv``, ``report.md`` and figures."""
+             fold: int = 0, sweep: bool = False, subset: str = "test") -> Path:
+    """Run the evaluation and write ``per_case.csv``, ``sweep.csv``, ``report.md`` and figures.
+
+    With ``splits``, only the ``subset`` ("test", or "val" for choosing settings without touching the
+    test patients) of ``fold`` is evaluated.
+    """
     from ..pipeline import load_models, run
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    test = None
-    if splits is not None:
-        test = set(json.loads(Path(splits).read_text())[fold]["test"])
+    test = split_patients(splits, fold, subset) if splits is not None else None
     cases = load_eval_cases(sources, test)
     if not cases:
         raise ValueError("No evaluation cases were found in the given sources and split.")
