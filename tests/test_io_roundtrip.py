@@ -164,6 +164,19 @@ def test_refuses_to_overwrite_the_input_scan(shared_file, tmp_path):
             write_volume(np.zeros(pair.shape, np.uint8), tmp_path / target, pair)
 
 
+def test_detached_metaimage_data_file_counts_as_the_input(tmp_path):
+    img = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6))
+    img.SetSpacing((0.8, 0.9, 3.0))
+    sitk.WriteImage(img, str(tmp_path / "scan.mhd"))  # writes scan.mhd + its detached scan.raw
+    raw = tmp_path / "scan.raw"
+    before = raw.read_bytes()
+    source = read_volume(tmp_path / "scan.mhd")
+    assert raw.resolve() in [p.resolve() for p in source.meta["source_files"]]
+    with pytest.raises(VolumeWriteError, match="input scan"):
+        write_volume(np.zeros(source.shape, np.uint8), raw, source)
+    assert raw.read_bytes() == before
+
+
 def test_no_overwrite_flag(shared_file, tmp_path):
     source = _read(shared_file("formats/niivue/low_res.nii.gz"))
     target = write_volume(np.zeros(source.shape, np.uint8), tmp_path / "o.nii.gz", source)

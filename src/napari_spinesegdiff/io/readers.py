@@ -318,6 +318,25 @@ def _sitk_volume(img, path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any
     return data, affine, meta
 
 
+def _detached_data_files(path: Path) -> list[Path]:
+    """The voxel-data files a ``.mhd`` / ``.nhdr`` header points to (``ElementDataFile`` / ``data file``),
+    so that they count as part of the source scan; none for attached (``LOCAL``) or listed data."""
+    suffix = file_suffix(path)
+    if suffix not in (".mhd", ".nhdr"):
+        return []
+    with open(path, "rb") as fh:
+        head = fh.read(65536).decode("latin-1")
+    keys = ("elementdatafile",) if suffix == ".mhd" else ("data file", "datafile")
+    for line in head.splitlines():
+        key, sep, value = line.partition("=" if suffix == ".mhd" else ":")
+        if sep and key.strip().lower() in keys:
+            name = value.strip()
+            if not name or name.upper() == "LOCAL" or name.upper().startswith("LIST") or " " in name:
+                return []
+            return [(path.parent / name).resolve()]
+    return []
+
+
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     import SimpleITK as sitk
 
@@ -335,7 +354,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     data, affine, meta = _sitk_volume(img, path)
     suffix = file_suffix(path)
     meta["format"] = "nrrd" if suffix in (".nrrd", ".nhdr") else "metaimage"
-    meta["source_files"] = [path]
+    meta["source_files"] = [path, *_detached_data_files(path)]
     keys = img.GetMetaDataKeys()
     if PROVENANCE_KEY in keys:
         meta["produced_by"] = img.GetMetaData(PROVENANCE_KEY)
