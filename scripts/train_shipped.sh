@@ -2,24 +2,41 @@
 # The exact commands that trained the shipped model (src/napari_spinesegdiff/weights/).
 # Data: ../shared/data/lumbar (real sagittal lumbar MRI, partial labels) + synthetic phantoms.
 # Fold 0 of runs/splits_lumbar.json is held out for testing and never used in training or selection.
-# On 2 CPU cores both runs go side by side (one thread each); a GPU is used automatically when present.
+# On 2 CPU cores both runs of a stage go side by side (one thread each); a GPU is used automatically.
+#
+# Stage 1 trains both networks from scratch.  Stage 2 fine-tunes them (new warm-up + cosine at 5e-4);
+# the diffusion model then starts a share of its low-t samples from stage 1's presegmentation noised
+# to t (--prior), which is what it is given at inference, so it learns to correct the presegmentation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${SPINESEGDIFF_DATA:-../shared/data}
 BASE_ITER=${BASE_ITER:-4500}
 DIFF_ITER=${DIFF_ITER:-4000}
+BASE_FT_ITER=${BASE_FT_ITER:-6000}
+DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
+STAGE=${STAGE:-all}  # 1, 2 or all
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
-        --preset small --batch-size 8 --crop 160 160 --val-every 500 --seed 0
+        --preset small --batch-size 8 --crop 160 160 --val-every 500
         --threads "${THREADS:-1}" --no-progress $RESUME)
 mkdir -p runs
-# the splits file is created by the first command; start the second once it exists
-.venv/bin/spinesegdiff train --kind baseline --iterations "$BASE_ITER" "${COMMON[@]}" --out runs/baseline \
-    >> runs/baseline.log 2>&1 &
-while [ ! -f runs/splits_lumbar.json ]; do sleep 2; done
-.venv/bin/spinesegdiff train --kind diffusion --iterations "$DIFF_ITER" "${COMMON[@]}" --out runs/diffusion \
-    >> runs/diffusion.log 2>&1 &
-wait
-cp runs/baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
-cp runs/diffusion/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
+if [ "$STAGE" = 1 ] || [ "$STAGE" = all ]; then
+    # the splits file is created by the first command; start the second once it exists
+    .venv/bin/spinesegdiff train --kind baseline --iterations "$BASE_ITER" --seed 0 "${COMMON[@]}" \
+        --out runs/baseline >> runs/baseline.log 2>&1 &
+    while [ ! -f runs/splits_lumbar.json ]; do sleep 2; done
+    .venv/bin/spinesegdiff train --kind diffusion --iterations "$DIFF_ITER" --seed 0 "${COMMON[@]}" \
+        --out runs/diffusion >> runs/diffusion.log 2>&1 &
+    wait
+fi
+if [ "$STAGE" = 2 ] || [ "$STAGE" = all ]; then
+    .venv/bin/spinesegdiff train --kind baseline --iterations "$BASE_FT_ITER" --lr 5e-4 --seed 1 \
+        --init runs/baseline/best.safetensors "${COMMON[@]}" --out runs/baseline_ft >> runs/baseline_ft.log 2>&1 &
+    .venv/bin/spinesegdiff train --kind diffusion --iterations "$DIFF_FT_ITER" --lr 5e-4 --seed 1 \
+        --init runs/diffusion/best.safetensors --prior runs/baseline/best.safetensors --prior-share 0.5 \
+        "${COMMON[@]}" --out runs/diffusion_ft >> runs/diffusion_ft.log 2>&1 &
+    wait
+fi
+cp runs/baseline_ft/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
+cp runs/diffusion_ft/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
 cp runs/splits_lumbar.json src/napari_spinesegdiff/weights/splits_lumbar.json
