@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..model.sampler import logits_to_x0
 from .batches import SliceBatches
 from .data import TrainCase
 from .losses import segdiff_loss
@@ -115,7 +116,7 @@ def forward_loss(net, batch: dict[str, torch.Tensor], cfg: TrainConfig, schedule
         from_prior = (torch.rand(b, generator=gen) < cfg.prior_share).to(image.device) & (t < cfg.t_focus)
         if bool(from_prior.any()):
             with torch.no_grad():
-                x0_prior = 2.0 * torch.sigmoid(prior_net(image)) - 1.0
+                x0_prior = logits_to_x0(prior_net(image), "sigmoid")
             x_prior = schedule.q_sample(x0_prior, t, noise)
             x_t = torch.where(from_prior[:, None, None, None], x_prior, x_t)
     logits = net(x_t, t, image)
@@ -157,7 +158,7 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
                 else:
                     t = torch.full((len(img),), tv, device=device)
                     noise = torch.randn(tgt.shape, generator=gen).to(device)
-                    x0 = tgt * 2 - 1 if prior_net is None else 2.0 * torch.sigmoid(prior_net(img)) - 1.0
+                    x0 = tgt * 2 - 1 if prior_net is None else logits_to_x0(prior_net(img), "sigmoid")
                     logits = net(schedule.q_sample(x0, t, noise), t, img)
                 preds.append((logits > 0).float())
             pred = torch.cat(preds) * known
@@ -173,7 +174,7 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
 def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequence[TrainCase], out_dir: Path,
           resume: bool = False, log: Callable[[str], None] = print, progress: bool = True) -> Path:
     """Train and return the path of the best checkpoint (``best.safetensors``)."""
-    from ..model.checkpoint import CheckpointConfig, save_checkpoint
+    from ..model.checkpoint import CheckpointConfig, load_checkpoint, save_checkpoint
     from ..model.device import resolve_device
     from ..model.diffusion import CosineSchedule
 
@@ -195,15 +196,11 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
     out_dir.mkdir(parents=True, exist_ok=True)
     net, net_cfg = build_model(cfg)
     if cfg.init:
-        from ..model.checkpoint import load_checkpoint
-
         init_net, _ = load_checkpoint(cfg.init)
         net.load_state_dict(init_net.state_dict())
     net.to(device).train()
     prior_net = None
     if cfg.prior and cfg.kind == "diffusion":
-        from ..model.checkpoint import load_checkpoint
-
         prior_net, prior_meta = load_checkpoint(cfg.prior)
         if prior_meta.kind != "baseline":
             raise ValueError(f"The prior {cfg.prior} is a {prior_meta.kind} checkpoint, not a baseline.")
@@ -255,7 +252,8 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
             last = it + 1 == cfg.iterations
             if rank == 0 and ((it + 1) % cfg.val_every == 0 or last):
-                val = validate(net, val_cases, cfg, schedule, device, prior_net=prior_net) if val_cases else {"val_dice": float("nan")}
+                val = (validate(net, val_cases, cfg, schedule, device, prior_net=prior_net) if val_cases
+                       else {"val_dice": float("nan")})
                 wall = time.perf_counter() - t0
                 writer.writerow([it + 1, f"{_lr_at(it, cfg):.3g}", f"{np.mean(running):.5f}",
                                  f"{float(losses['dice']):.5f}", f"{float(losses['bce']):.5f}",
