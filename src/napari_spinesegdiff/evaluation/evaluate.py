@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import SegmentationConfig
 from ..io.volume import Volume
+from ..training.data import read_fold
 from .metrics import auroc, dice, hd95, reliability
 
 CLASS_NAMES = ["spinal canal", "vertebrae", "intervertebral disc"]
@@ -169,10 +170,7 @@ def split_patients(splits: Path, fold: int, subset: str = "test") -> set[str]:
     """The patients of one subset ("test" or "val") of one fold of a folds JSON."""
     if subset not in ("test", "val"):
         raise ValueError(f"subset must be 'test' or 'val', got {subset!r}.")
-    folds = json.loads(Path(splits).read_text())
-    if not 0 <= fold < len(folds):
-        raise ValueError(f"{splits} has {len(folds)} folds; fold {fold} does not exist.")
-    return set(folds[fold][subset])
+    return set(read_fold(splits, fold)[subset])
 
 
 def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, splits: Path | None = None,

@@ -222,6 +222,14 @@ def make_splits(patients: dict[str, str], k: int = 5, fold: int = 0, val_fractio
     return {key: sorted(v) for key, v in split.items()}
 
 
+def read_fold(path: Path, fold: int) -> dict[str, list[str]]:
+    """One fold ({train, val, test} patient lists) of a folds JSON written by :func:`write_splits`."""
+    folds = json.loads(Path(path).read_text())
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"{path} has {len(folds)} folds; fold {fold} does not exist.")
+    return folds[fold]
+
+
 def write_splits(path: Path, patients: dict[str, str], k: int = 5, seed: int = 0,
                  val_fraction: float = 0.15) -> list[dict[str, list[str]]]:
     """All ``k`` folds to a JSON file (a list of {train, val, test}), like nnU-Net's ``splits_final.json``."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
-from .data import TrainCase, load_cases, make_splits
+from .data import TrainCase, load_cases, make_splits, read_fold, write_splits
 
 
 def split_cases(cases: Sequence[TrainCase], splits_file: Path | None, k: int, fold: int, seed: int,
@@ -16,14 +15,11 @@ def split_cases(cases: Sequence[TrainCase], splits_file: Path | None, k: int, fo
     real = [c for c in cases if c.group != "phantom"]
     patients = {c.patient: c.group for c in real}
     if splits_file is not None and Path(splits_file).exists():
-        folds = json.loads(Path(splits_file).read_text())
-        split = folds[fold]
+        split = read_fold(splits_file, fold)
+    elif splits_file is not None and write:
+        split = write_splits(splits_file, patients, k, seed=seed)[fold]
     else:
-        folds = [make_splits(patients, k, f, seed=seed) for f in range(k)]
-        split = folds[fold]
-        if splits_file is not None and write:
-            Path(splits_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(splits_file).write_text(json.dumps(folds, indent=1))
+        split = make_splits(patients, k, fold, seed=seed)
     train_p, val_p = set(split["train"]), set(split["val"])
     train = [c for c in cases if c.group == "phantom" or c.patient in train_p]
     val = [c for c in real if c.patient in val_p]
