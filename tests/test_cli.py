@@ -84,3 +84,14 @@ def test_2d_and_4d_scans_are_refused(tmp_path, capsys, shape):
     assert main(["segment", str(path), "-o", str(tmp_path / "o.nii.gz"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "odd.nii.gz" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("cmd", ["segment", "evaluate"])
+def test_out_of_range_blend_weight_is_one_sentence(scan, tmp_path, capsys, cmd):
+    img, _ = scan
+    args = ([str(img), "-o", str(tmp_path / "o.nii.gz"), "--no-progress"] if cmd == "segment"
+            else ["--data", "phantom:1:3", "--out", str(tmp_path / "ev")])
+    assert main([cmd, *args, "--baseline-weight", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "baseline_weight must be between 0 and 1" in err and err.count("\n") == 0
+    assert not (tmp_path / "o.nii.gz").exists() and not (tmp_path / "ev").exists()

@@ -167,3 +167,38 @@ def test_steps_plus_prior_uncertainty_bounds_the_step_map(phantom):
     assert np.array_equal(steps_only.canonical_labels, both.canonical_labels)
     assert np.all(both.canonical_uncertainty >= steps_only.canonical_uncertainty - 1e-7)
     assert np.any(both.canonical_uncertainty > steps_only.canonical_uncertainty + 1e-3)
+
+
+def test_smoothing_filters_the_probabilities_across_sagittal_slices_only(phantom):
+    from scipy import ndimage
+
+    plain = run(phantom.image, FAST.replace(smooth_mm=0.0, baseline_weight=0.0))
+    smooth = run(phantom.image, FAST.replace(smooth_mm=1.5, baseline_weight=0.0))
+    sigma = 1.5 / phantom.image.orientation.canonical_spacing[0]
+    want = ndimage.gaussian_filter1d(plain.canonical_probabilities[:, 4:9], sigma, axis=1, mode="nearest")
+    np.testing.assert_allclose(smooth.canonical_probabilities[:, 4:9], want, atol=1e-5)
+    assert not smooth.canonical_probabilities[:, :4].any() and not smooth.canonical_probabilities[:, 9:].any()
+    assert (smooth.canonical_labels != plain.canonical_labels).any()  # the labels follow the smoothed maps
+    truth = phantom.labels.canonical()[4:9]
+    assert np.mean(dice_per_class(smooth.canonical_labels[4:9], truth, 3)) >= PHANTOM_DICE_FLOOR
+    one = run(phantom.image, FAST.replace(slices="6", smooth_mm=1.5, baseline_weight=0.0))
+    ref = run(phantom.image, FAST.replace(slices="6", smooth_mm=0.0, baseline_weight=0.0))
+    assert np.array_equal(one.canonical_probabilities, ref.canonical_probabilities)  # one slice: nothing to mix
+
+
+def test_baseline_weight_blends_the_presegmentation_into_the_result(phantom):
+    cfg = FAST.replace(smooth_mm=0.0, slices="6")
+    diffusion = run(phantom.image, cfg.replace(baseline_weight=0.0)).canonical_probabilities
+    preseg = run(phantom.image, cfg.replace(t_start=0)).canonical_probabilities
+    half = run(phantom.image, cfg.replace(baseline_weight=0.5)).canonical_probabilities
+    assert np.abs(diffusion - preseg).max() > 0.2  # the two really differ, so the blend is tested
+    np.testing.assert_allclose(half, 0.5 * (diffusion + preseg), atol=1e-4)
+    only = run(phantom.image, cfg.replace(baseline_weight=1.0)).canonical_probabilities
+    np.testing.assert_allclose(only, preseg, atol=1e-4)
+
+
+def test_bad_blend_and_smoothing_values_are_refused():
+    with pytest.raises(ValueError, match="baseline_weight"):
+        SegmentationConfig(baseline_weight=1.5)
+    with pytest.raises(ValueError, match="smooth_mm"):
+        SegmentationConfig(smooth_mm=-1)

@@ -50,6 +50,7 @@ def _add_segment(sub) -> None:
                    help="steps: the paper's step-uncertainty map; steps+prior (default): its max with the "
                         "presegmentation's own -p log p")
     p.add_argument("--prior", default="baseline", help="baseline | none | PATH to a labels file (default baseline)")
+    _blend_and_smoothing_args(p)
     p.add_argument("--classes", type=int, help="expected number of classes (checked against the checkpoint)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
@@ -58,6 +59,18 @@ def _add_segment(sub) -> None:
     p.add_argument("--truth", type=Path, help="ground-truth labels: print Dice per class")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_segment)
+
+
+def _blend_and_smoothing_args(p) -> None:
+    from .config import SegmentationConfig
+
+    d = SegmentationConfig()
+    p.add_argument("--baseline-weight", type=float, default=d.baseline_weight,
+                   help="weight of the presegmentation in the final probabilities, 0..1 (0 = the diffusion "
+                        f"alone; default {d.baseline_weight})")
+    p.add_argument("--smooth-mm", type=float, default=d.smooth_mm,
+                   help="Gaussian sigma in mm across sagittal slices applied to the probabilities before "
+                        f"labelling (0 = off; default {d.smooth_mm})")
 
 
 def cmd_segment(args) -> int:
@@ -78,8 +91,8 @@ def cmd_segment(args) -> int:
             checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint, steps=args.steps,
             t_start=args.t_start, ensemble=args.ensemble, aggregate_steps=args.aggregate_steps,
             fusion=args.fusion, uncertainty=args.uncertainty_mode, prior=args.prior, num_classes=args.classes,
-            device=args.device,
-            seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
+            device=args.device, seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
+            baseline_weight=args.baseline_weight, smooth_mm=args.smooth_mm,
         )
         volume = read_volume(args.scan, kind="image")
     except ValueError as exc:
@@ -237,6 +250,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--t-start", type=int, default=300)
     p.add_argument("--ensemble", type=int, default=5)
+    _blend_and_smoothing_args(p)
     p.add_argument("--sweep", action="store_true", help="also sweep steps / t_start / ensemble (slow)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -252,10 +266,11 @@ def cmd_evaluate(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    cfg = SegmentationConfig(checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint,
-                             steps=args.steps, t_start=args.t_start, ensemble=args.ensemble, seed=args.seed,
-                             device=args.device)
     try:
+        cfg = SegmentationConfig(checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint,
+                                 steps=args.steps, t_start=args.t_start, ensemble=args.ensemble, seed=args.seed,
+                                 device=args.device, baseline_weight=args.baseline_weight,
+                                 smooth_mm=args.smooth_mm)
         report = evaluate(args.data, cfg, args.out, splits=args.splits, fold=args.fold, sweep=args.sweep,
                           subset=args.subset)
     except ValueError as exc:

@@ -27,6 +27,9 @@ class SegmentationConfig:
     ensemble: int = 5  # stochastic samples S, run as one batch
     aggregate_steps: int | None = None  # Ts: last steps fused; None = all steps
     fusion: Fusion = "step_uncertainty"
+    # weight of the presegmenter's probabilities in the final ones, (1 - w) diffusion + w presegmentation;
+    # only with prior "baseline" (a labels prior is never blended in); 0 = the diffusion alone
+    baseline_weight: float = 0.0
     # "steps": the paper's step-uncertainty map (max over the fused steps of -p log p);
     # "steps+prior": its voxel-wise max with the presegmentation's own -p log p (the doubt of the whole
     # pipeline; finds misclassified voxels better, see the README's model card)
@@ -41,6 +44,9 @@ class SegmentationConfig:
     fill_holes: bool = True
     roi_margin_mm: float = 24.0  # refine only the prior's foreground box plus this margin (-1: whole slice)
     single_canal: bool = True  # keep only the largest 3-D connected component of the spinal canal
+    # Gaussian sigma (mm) across sagittal slices applied to the probabilities before labelling: the networks
+    # see one slice at a time, this makes neighbouring slices agree; 0 = off
+    smooth_mm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -51,6 +57,10 @@ class SegmentationConfig:
             raise ValueError(f"t_start must be 0 or more, got {self.t_start}.")
         if self.aggregate_steps is not None and self.aggregate_steps < 1:
             raise ValueError(f"aggregate_steps must be at least 1, got {self.aggregate_steps}.")
+        if not 0.0 <= self.baseline_weight <= 1.0:
+            raise ValueError(f"baseline_weight must be between 0 and 1, got {self.baseline_weight}.")
+        if self.smooth_mm < 0:
+            raise ValueError(f"smooth_mm must be 0 (off) or more, got {self.smooth_mm}.")
         if self.fusion not in ("step_uncertainty", "diffunet"):
             raise ValueError(f"fusion must be 'step_uncertainty' or 'diffunet', got {self.fusion!r}.")
         if self.uncertainty not in ("steps+prior", "steps"):

@@ -8,8 +8,10 @@ this one function.
 Steps: canonical sagittal slices (``io``) -> in-plane resampling to the model spacing -> per-volume
 intensity normalisation -> batches of ``batch_slices`` slices x ``ensemble`` samples -> presegmentation
 prior (shipped baseline, a labels volume, or none) -> DDIM sampler with the step-uncertainty ensemble ->
-back to the scan grid (linear for maps, labels from the resampled probabilities) -> post-processing in
-millimetres -> file order.  Memory for the model stays flat in the number of slices.
+back to the scan grid (linear for maps, labels from the resampled probabilities) -> optional blend with the
+presegmentation (``baseline_weight``) -> optional Gaussian smoothing of the probabilities across sagittal
+slices (``smooth_mm``; the networks are 2-D) -> labels and post-processing in millimetres -> file order.
+Memory for the model stays flat in the number of slices.
 
 Label rule: a pixel gets the class whose probability is highest among those above 0.5 (so overlapping
 channels never produce two labels); otherwise background.  Post-processing per class and slice: fill
@@ -243,6 +245,13 @@ class _Roi:
         return full
 
 
+def _labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
+    """(C, ...) class probabilities -> labels 0..C: the most probable class among those above 0.5."""
+    above = probs > 0.5
+    best = np.argmax(np.where(above, probs, -1.0), axis=0) + 1
+    return np.where(above.any(axis=0), best, 0).astype(np.uint8)
+
+
 def _keep_largest_component(labels: np.ndarray, cls: int) -> None:
     """In place: class ``cls`` keeps only its largest 3-D connected component (the canal is one tube)."""
     from scipy import ndimage
@@ -342,6 +351,8 @@ def segment(
         tq = time.perf_counter()
         with torch.inference_mode():
             full_p = roi.paste(res.probabilities.float(), prior, x)
+            if config.prior == "baseline" and res.steps_run > 0 and config.baseline_weight > 0:
+                full_p = (1.0 - config.baseline_weight) * full_p + config.baseline_weight * prior.float()
             probs = grid.to_scan(full_p).cpu().numpy()  # (n, C, rows, cols)
             if res.steps_run == 0:  # the presegmentation stands: its own -p log p is the uncertainty
                 full_u = step_uncertainty(full_p)
@@ -352,18 +363,24 @@ def segment(
                     full_u = torch.maximum(full_u, prior_u)
             class_unc = grid.to_scan(full_u).cpu().numpy()  # (n, C, rows, cols)
             unc = class_unc.max(axis=1)
-        above = probs > 0.5
-        best = np.argmax(np.where(above, probs, -1.0), axis=1) + 1
-        lab = np.where(above.any(axis=1), best, 0).astype(np.uint8)
-        for j, k in enumerate(idx):
-            labels_c[k] = _postprocess(lab[j], probs[j], (spacing[1], spacing[2]), config)
         unc_c[idx] = unc
         cunc_c[:, idx] = np.moveaxis(class_unc, 1, 0)
         prob_c[:, idx] = np.moveaxis(probs, 1, 0)
         timings["post_s"] += time.perf_counter() - tq
 
+    tq = time.perf_counter()
+    first, stop = chosen.start, chosen.stop  # chosen is a contiguous range of slices
+    if config.smooth_mm > 0 and len(chosen) > 1:
+        from scipy import ndimage
+
+        prob_c[:, first:stop] = ndimage.gaussian_filter1d(prob_c[:, first:stop], config.smooth_mm / spacing[0],
+                                                          axis=1, mode="nearest")
+    for k in chosen:
+        labels_c[k] = _postprocess(_labels_from_probabilities(prob_c[:, k]), prob_c[:, k],
+                                   (spacing[1], spacing[2]), config)
     if config.single_canal:
         _keep_largest_component(labels_c, 1)
+    timings["post_s"] += time.perf_counter() - tq
     timings = {k: round(v, 3) for k, v in timings.items()}
     timings["total_s"] = round(time.perf_counter() - t0, 3)
     provenance = build_provenance(volume, config, models, timings, tuple(chosen))
