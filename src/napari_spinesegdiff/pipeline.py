@@ -245,6 +245,28 @@ class _Roi:
         return full
 
 
+def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], config: SegmentationConfig,
+                    slices: range | None = None) -> np.ndarray:
+    """Canonical class probabilities (C, n, rows, cols) -> canonical labels (n, rows, cols), the last stage
+    of :func:`segment`: Gaussian smoothing across the sagittal ``slices`` (``config.smooth_mm``, in place),
+    the label rule, per-slice post-processing and the single canal.  ``slices`` (a contiguous range, default
+    all) are the slices that were segmented; the others stay background."""
+    slices = range(prob_c.shape[1]) if slices is None else slices
+    first, stop = slices.start, slices.stop
+    if config.smooth_mm > 0 and len(slices) > 1:
+        from scipy import ndimage
+
+        prob_c[:, first:stop] = ndimage.gaussian_filter1d(prob_c[:, first:stop], config.smooth_mm / spacing[0],
+                                                          axis=1, mode="nearest")
+    labels = np.zeros(prob_c.shape[1:], np.uint8)
+    for k in slices:
+        labels[k] = _postprocess(_labels_from_probabilities(prob_c[:, k]), prob_c[:, k],
+                                 (spacing[1], spacing[2]), config)
+    if config.single_canal:
+        _keep_largest_component(labels, 1)
+    return labels
+
+
 def _labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
     """(C, ...) class probabilities -> labels 0..C: the most probable class among those above 0.5."""
     above = probs > 0.5
@@ -302,7 +324,6 @@ def segment(
     ncls = len(ckpt.class_names)
     schedule = schedule_from_dict(ckpt.schedule)
 
-    labels_c = np.zeros((n_slices, rows, cols), np.uint8)
     unc_c = np.zeros((n_slices, rows, cols), np.float32)
     cunc_c = np.zeros((ncls, n_slices, rows, cols), np.float32)
     prob_c = np.zeros((ncls, n_slices, rows, cols), np.float32)
@@ -369,17 +390,7 @@ def segment(
         timings["post_s"] += time.perf_counter() - tq
 
     tq = time.perf_counter()
-    first, stop = chosen.start, chosen.stop  # chosen is a contiguous range of slices
-    if config.smooth_mm > 0 and len(chosen) > 1:
-        from scipy import ndimage
-
-        prob_c[:, first:stop] = ndimage.gaussian_filter1d(prob_c[:, first:stop], config.smooth_mm / spacing[0],
-                                                          axis=1, mode="nearest")
-    for k in chosen:
-        labels_c[k] = _postprocess(_labels_from_probabilities(prob_c[:, k]), prob_c[:, k],
-                                   (spacing[1], spacing[2]), config)
-    if config.single_canal:
-        _keep_largest_component(labels_c, 1)
+    labels_c = finalize_labels(prob_c, spacing, config, chosen)
     timings["post_s"] += time.perf_counter() - tq
     timings = {k: round(v, 3) for k, v in timings.items()}
     timings["total_s"] = round(time.perf_counter() - t0, 3)
