@@ -7,6 +7,8 @@
 # Stage 1 trains both networks from scratch.  Stage 2 fine-tunes them (new warm-up + cosine at 5e-4);
 # the diffusion model then starts a share of its low-t samples from stage 1's presegmentation noised
 # to t (--prior), which is what it is given at inference, so it learns to correct the presegmentation.
+# Stage 3 fine-tunes both once more at a lower rate; the diffusion model now sees stage 2's presegmentation
+# (the one it is given at inference) in 80 % of its low-t samples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${SPINESEGDIFF_DATA:-../shared/data}
@@ -14,8 +16,10 @@ BASE_ITER=${BASE_ITER:-4500}
 DIFF_ITER=${DIFF_ITER:-4000}
 BASE_FT_ITER=${BASE_FT_ITER:-6000}
 DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
+BASE_FT3_ITER=${BASE_FT3_ITER:-5000}
+DIFF_FT3_ITER=${DIFF_FT3_ITER:-3000}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
-STAGE=${STAGE:-all}  # 1, 2 or all
+STAGE=${STAGE:-all}  # 1, 2, 3 or all
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
         --preset small --batch-size 8 --crop 160 160 --val-every 500
         --threads "${THREADS:-1}" --no-progress $RESUME)
@@ -37,6 +41,14 @@ if [ "$STAGE" = 2 ] || [ "$STAGE" = all ]; then
         "${COMMON[@]}" --out runs/diffusion_ft >> runs/diffusion_ft.log 2>&1 &
     wait
 fi
-cp runs/baseline_ft/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
-cp runs/diffusion_ft/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
+if [ "$STAGE" = 3 ] || [ "$STAGE" = all ]; then
+    .venv/bin/spinesegdiff train --kind baseline --iterations "$BASE_FT3_ITER" --lr 3e-4 --seed 2 \
+        --init runs/baseline_ft/best.safetensors "${COMMON[@]}" --out runs/baseline_ft3 >> runs/baseline_ft3.log 2>&1 &
+    .venv/bin/spinesegdiff train --kind diffusion --iterations "$DIFF_FT3_ITER" --lr 2.5e-4 --seed 3 \
+        --init runs/diffusion_ft/best.safetensors --prior runs/baseline_ft/best.safetensors --prior-share 0.8 \
+        "${COMMON[@]}" --out runs/diffusion_ft3 >> runs/diffusion_ft3.log 2>&1 &
+    wait
+fi
+cp runs/baseline_ft3/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
+cp runs/diffusion_ft3/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
 cp runs/splits_lumbar.json src/napari_spinesegdiff/weights/splits_lumbar.json

@@ -28,8 +28,9 @@ class SegmentationConfig:
     aggregate_steps: int | None = None  # Ts: last steps fused; None = all steps
     fusion: Fusion = "step_uncertainty"
     # weight of the presegmenter's probabilities in the final ones, (1 - w) diffusion + w presegmentation;
-    # only with prior "baseline" (a labels prior is never blended in); 0 = the diffusion alone
-    baseline_weight: float = 0.0
+    # only with prior "baseline" (a labels prior is never blended in); 0 = the diffusion alone (the paper);
+    # 0.5 was chosen on the validation patients (README, model card)
+    baseline_weight: float = 0.5
     # "steps": the paper's step-uncertainty map (max over the fused steps of -p log p);
     # "steps+prior": its voxel-wise max with the presegmentation's own -p log p (the doubt of the whole
     # pipeline; finds misclassified voxels better, see the README's model card)
@@ -46,7 +47,7 @@ class SegmentationConfig:
     single_canal: bool = True  # keep only the largest 3-D connected component of the spinal canal
     # Gaussian sigma (mm) across sagittal slices applied to the probabilities before labelling: the networks
     # see one slice at a time, this makes neighbouring slices agree; 0 = off
-    smooth_mm: float = 0.0
+    smooth_mm: float = 2.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
