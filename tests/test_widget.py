@@ -199,11 +199,14 @@ def test_settings_persist_between_widgets(qtbot, phantom_viewer, make_napari_vie
     viewer, w = phantom_viewer()
     _configure(w, steps=2, ensemble=2, slices="6", seed=7)
     w.prior.value = "none"
+    w.baseline_weight.value = 0.25
+    assert w.build_config().baseline_weight == 0.25
     assert _run(qtbot, w) == "done"
     saved = json.loads(settings_path().read_text())
     assert saved["steps"] == 2 and saved["seed"] == 7 and saved["prior"] == "none"
     other = _dock(make_napari_viewer())
     assert (other.steps.value, other.seed.value, other.slice_range.value) == (2, 7, "6")
+    assert other.baseline_weight.value == 0.25
     assert other.prior.value == "none" and other.device.value == "cpu"
 
 

@@ -39,6 +39,7 @@ from magicgui.widgets import (
     ComboBox,
     Container,
     FileEdit,
+    FloatSpinBox,
     LineEdit,
     PushButton,
     SpinBox,
@@ -105,6 +106,10 @@ TIPS = {
              "ensemble member.",
     "t_start": "Noise level the presegmentation is pushed to before denoising (0..T). Higher lets the model "
                "change more of the prior; it does not change the run time (that is set by the steps).",
+    "baseline_weight": "Weight of the baseline presegmentation in the final mask: (1 - w) diffusion + w "
+                       "presegmentation (only with the baseline prior). 0 = the diffusion output alone, as in the "
+                       "paper; 0.5 (default) was the better choice on validation scans. The uncertainty map does "
+                       "not depend on it.",
     "ensemble": "Stochastic samples per slice, run as one batch. More samples give a better uncertainty map; "
                 "time and memory grow linearly.",
     "batch_slices": "Slices denoised together. Larger batches are faster on a GPU but need more memory.",
@@ -377,6 +382,9 @@ class SpineSegDiffWidget(QWidget):
         self.steps = SpinBox(label="timesteps", min=1, max=1000, value=10, tooltip=TIPS["steps"])
         self.t_start = SpinBox(label="t_start", min=0, max=999, value=300, tooltip=TIPS["t_start"])
         self.ensemble = SpinBox(label="ensemble", min=1, max=64, value=5, tooltip=TIPS["ensemble"])
+        self.baseline_weight = FloatSpinBox(label="preseg. weight", min=0.0, max=1.0, step=0.05,
+                                            value=SegmentationConfig().baseline_weight,
+                                            tooltip=TIPS["baseline_weight"])
         self.batch_slices = SpinBox(label="batch slices", min=1, max=64, value=4, tooltip=TIPS["batch_slices"])
         self.slice_mode = ComboBox(label="slices", choices=list(SLICE_MODES), value="current slice",
                                    tooltip=TIPS["slices"])
@@ -391,7 +399,7 @@ class SpineSegDiffWidget(QWidget):
         self.cancel_button.tooltip = "Stop at the next denoising step; nothing partial is kept."
         self.form = Container(widgets=[
             self.image, self.checkpoint, self.num_classes, self.prior, self.steps, self.t_start, self.ensemble,
-            self.batch_slices, self.slice_mode, self.slice_range, self.device, self.seed, self.stream_every,
+            self.baseline_weight, self.batch_slices, self.slice_mode, self.slice_range, self.device, self.seed, self.stream_every,
         ])
         self._locked = [w for w in self.form] + [self.run_button]
         self.checkpoint.changed.connect(self._on_checkpoint_changed)
@@ -499,13 +507,14 @@ class SpineSegDiffWidget(QWidget):
         return {
             "checkpoint": str(self.checkpoint.value) if self.checkpoint.value else None,
             "steps": self.steps.value, "t_start": self.t_start.value, "ensemble": self.ensemble.value,
-            "batch_slices": self.batch_slices.value, "slice_mode": self.slice_mode.value,
+            "baseline_weight": self.baseline_weight.value, "batch_slices": self.batch_slices.value, "slice_mode": self.slice_mode.value,
             "slice_range": self.slice_range.value, "device": self.device.value, "seed": self.seed.value,
             "stream_every": self.stream_every.value, "prior": prior if isinstance(prior, str) else "labels",
         }
 
     def _apply_settings(self, s: dict[str, Any]) -> None:
         widgets = {"steps": self.steps, "t_start": self.t_start, "ensemble": self.ensemble,
+                   "baseline_weight": self.baseline_weight,
                    "batch_slices": self.batch_slices, "slice_mode": self.slice_mode, "slice_range": self.slice_range,
                    "device": self.device, "seed": self.seed, "stream_every": self.stream_every}
         for key, w in widgets.items():
@@ -548,7 +557,7 @@ class SpineSegDiffWidget(QWidget):
         return SegmentationConfig(
             checkpoint=str(self.checkpoint.value) if self.checkpoint.value else None,
             steps=self.steps.value, t_start=self.t_start.value, ensemble=self.ensemble.value,
-            num_classes=self.num_classes.value, device=self.device.value, seed=self.seed.value,
+            baseline_weight=float(self.baseline_weight.value), num_classes=self.num_classes.value, device=self.device.value, seed=self.seed.value,
             slices=self.slices_spec(), batch_slices=self.batch_slices.value,
             prior=prior if isinstance(prior, str) else "labels",
         )
