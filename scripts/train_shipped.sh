@@ -33,21 +33,23 @@ if [ "$STAGE" = 1 ] || [ "$STAGE" = all ]; then
         --out runs/diffusion >> runs/diffusion.log 2>&1 &
     wait
 fi
-if [ "$STAGE" = 2 ] || [ "$STAGE" = all ]; then
-    .venv/bin/spinesegdiff train --kind baseline --iterations "$BASE_FT_ITER" --lr 5e-4 --seed 1 \
-        --init runs/baseline/best.safetensors "${COMMON[@]}" --out runs/baseline_ft >> runs/baseline_ft.log 2>&1 &
-    .venv/bin/spinesegdiff train --kind diffusion --iterations "$DIFF_FT_ITER" --lr 5e-4 --seed 1 \
-        --init runs/diffusion/best.safetensors --prior runs/baseline/best.safetensors --prior-share 0.5 \
-        "${COMMON[@]}" --out runs/diffusion_ft >> runs/diffusion_ft.log 2>&1 &
+# finetune FROM TO BASE_ITER BASE_LR BASE_SEED DIFF_ITER DIFF_LR DIFF_SEED PRIOR_SHARE: both networks of runs/*FROM
+# fine-tuned side by side into runs/*TO; the diffusion model's prior is the presegmenter of runs/baselineFROM
+finetune() {
+    local from=$1 to=$2
+    .venv/bin/spinesegdiff train --kind baseline --iterations "$3" --lr "$4" --seed "$5" \
+        --init "runs/baseline$from/best.safetensors" "${COMMON[@]}" --out "runs/baseline$to" \
+        >> "runs/baseline$to.log" 2>&1 &
+    .venv/bin/spinesegdiff train --kind diffusion --iterations "$6" --lr "$7" --seed "$8" \
+        --init "runs/diffusion$from/best.safetensors" --prior "runs/baseline$from/best.safetensors" \
+        --prior-share "$9" "${COMMON[@]}" --out "runs/diffusion$to" >> "runs/diffusion$to.log" 2>&1 &
     wait
+}
+if [ "$STAGE" = 2 ] || [ "$STAGE" = all ]; then
+    finetune "" _ft "$BASE_FT_ITER" 5e-4 1 "$DIFF_FT_ITER" 5e-4 1 0.5
 fi
 if [ "$STAGE" = 3 ] || [ "$STAGE" = all ]; then
-    .venv/bin/spinesegdiff train --kind baseline --iterations "$BASE_FT3_ITER" --lr 3e-4 --seed 2 \
-        --init runs/baseline_ft/best.safetensors "${COMMON[@]}" --out runs/baseline_ft3 >> runs/baseline_ft3.log 2>&1 &
-    .venv/bin/spinesegdiff train --kind diffusion --iterations "$DIFF_FT3_ITER" --lr 2.5e-4 --seed 3 \
-        --init runs/diffusion_ft/best.safetensors --prior runs/baseline_ft/best.safetensors --prior-share 0.8 \
-        "${COMMON[@]}" --out runs/diffusion_ft3 >> runs/diffusion_ft3.log 2>&1 &
-    wait
+    finetune _ft _ft3 "$BASE_FT3_ITER" 3e-4 2 "$DIFF_FT3_ITER" 2.5e-4 3 0.8
 fi
 cp runs/baseline_ft3/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
 cp runs/diffusion_ft3/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
