@@ -22,7 +22,7 @@ import numpy as np
 from napari_spinesegdiff.config import SegmentationConfig
 from napari_spinesegdiff.evaluation.evaluate import CLASS_NAMES, load_eval_cases, split_patients
 from napari_spinesegdiff.evaluation.metrics import dice
-from napari_spinesegdiff.pipeline import finalize_labels, run
+from napari_spinesegdiff.pipeline import blend_presegmentation, finalize_labels, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         diffusion = run(case.image, raw, stream_every=0).canonical_probabilities
         for w in args.weights:
             for s in args.smooth:
-                labels = finalize_labels((1.0 - w) * diffusion + w * preseg, spacing,
-                                         raw.replace(baseline_weight=w, smooth_mm=s))
+                labels = finalize_labels(blend_presegmentation(diffusion, preseg, w), spacing,
+                                         raw.replace(smooth_mm=s))
                 for c in case.classes:
                     rows.append({"case": case.name, "class": CLASS_NAMES[c - 1], "baseline_weight": w,
                                  "smooth_mm": s, "dice": round(dice(labels == c, case.truth == c, case.in_range), 4)})

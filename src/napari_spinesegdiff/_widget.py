@@ -399,7 +399,8 @@ class SpineSegDiffWidget(QWidget):
         self.cancel_button.tooltip = "Stop at the next denoising step; nothing partial is kept."
         self.form = Container(widgets=[
             self.image, self.checkpoint, self.num_classes, self.prior, self.steps, self.t_start, self.ensemble,
-            self.baseline_weight, self.batch_slices, self.slice_mode, self.slice_range, self.device, self.seed, self.stream_every,
+            self.baseline_weight, self.batch_slices, self.slice_mode, self.slice_range, self.device, self.seed,
+            self.stream_every,
         ])
         self._locked = [w for w in self.form] + [self.run_button]
         self.checkpoint.changed.connect(self._on_checkpoint_changed)
@@ -507,7 +508,8 @@ class SpineSegDiffWidget(QWidget):
         return {
             "checkpoint": str(self.checkpoint.value) if self.checkpoint.value else None,
             "steps": self.steps.value, "t_start": self.t_start.value, "ensemble": self.ensemble.value,
-            "baseline_weight": self.baseline_weight.value, "batch_slices": self.batch_slices.value, "slice_mode": self.slice_mode.value,
+            "baseline_weight": self.baseline_weight.value, "batch_slices": self.batch_slices.value,
+            "slice_mode": self.slice_mode.value,
             "slice_range": self.slice_range.value, "device": self.device.value, "seed": self.seed.value,
             "stream_every": self.stream_every.value, "prior": prior if isinstance(prior, str) else "labels",
         }
@@ -557,7 +559,8 @@ class SpineSegDiffWidget(QWidget):
         return SegmentationConfig(
             checkpoint=str(self.checkpoint.value) if self.checkpoint.value else None,
             steps=self.steps.value, t_start=self.t_start.value, ensemble=self.ensemble.value,
-            baseline_weight=float(self.baseline_weight.value), num_classes=self.num_classes.value, device=self.device.value, seed=self.seed.value,
+            baseline_weight=float(self.baseline_weight.value), num_classes=self.num_classes.value,
+            device=self.device.value, seed=self.seed.value,
             slices=self.slices_spec(), batch_slices=self.batch_slices.value,
             prior=prior if isinstance(prior, str) else "labels",
         )

@@ -245,6 +245,11 @@ class _Roi:
         return full
 
 
+def blend_presegmentation(diffusion, presegmentation, weight: float):
+    """``(1 - weight) diffusion + weight presegmentation`` (class probabilities; tensors or arrays)."""
+    return (1.0 - weight) * diffusion + weight * presegmentation
+
+
 def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], config: SegmentationConfig,
                     slices: range | None = None) -> np.ndarray:
     """Canonical class probabilities (C, n, rows, cols) -> canonical labels (n, rows, cols), the last stage
@@ -373,7 +378,7 @@ def segment(
         with torch.inference_mode():
             full_p = roi.paste(res.probabilities.float(), prior, x)
             if config.prior == "baseline" and res.steps_run > 0 and config.baseline_weight > 0:
-                full_p = (1.0 - config.baseline_weight) * full_p + config.baseline_weight * prior.float()
+                full_p = blend_presegmentation(full_p, prior.float(), config.baseline_weight)
             probs = grid.to_scan(full_p).cpu().numpy()  # (n, C, rows, cols)
             if res.steps_run == 0:  # the presegmentation stands: its own -p log p is the uncertainty
                 full_u = step_uncertainty(full_p)
