@@ -52,6 +52,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--prior", default="baseline", help="baseline | none | PATH to a labels file (default baseline)")
     _blend_and_smoothing_args(p)
     p.add_argument("--classes", type=int, help="expected number of classes (checked against the checkpoint)")
+    p.add_argument("--vertebrae", choices=["whole", "split"], default="whole",
+                   help="whole (default): label 2 = the whole vertebra, as in SPIDER; split: 2 = vertebral "
+                        "body and 4 = posterior elements (v4 models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--slices", default="all", help="all | mid | A:B (canonical left-right slice indices)")
@@ -92,7 +95,7 @@ def cmd_segment(args) -> int:
             t_start=args.t_start, ensemble=args.ensemble, aggregate_steps=args.aggregate_steps,
             fusion=args.fusion, uncertainty=args.uncertainty_mode, prior=args.prior, num_classes=args.classes,
             device=args.device, seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
-            baseline_weight=args.baseline_weight, smooth_mm=args.smooth_mm,
+            baseline_weight=args.baseline_weight, smooth_mm=args.smooth_mm, vertebrae=args.vertebrae,
         )
         volume = read_volume(args.scan, kind="image")
     except ValueError as exc:

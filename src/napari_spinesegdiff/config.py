@@ -48,6 +48,9 @@ class SegmentationConfig:
     # Gaussian sigma (mm) across sagittal slices applied to the probabilities before labelling: the networks
     # see one slice at a time, this makes neighbouring slices agree; 0 = off
     smooth_mm: float = 2.0
+    # written vertebra labels: "whole" = 2 vertebra (body + posterior elements, SPIDER and the paper);
+    # "split" = 2 vertebral body + 4 posterior elements (needs a four-channel model, v4 on)
+    vertebrae: str = "whole"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -68,6 +71,8 @@ class SegmentationConfig:
             raise ValueError(f"uncertainty must be 'steps+prior' or 'steps', got {self.uncertainty!r}.")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}.")
+        if self.vertebrae not in ("whole", "split"):
+            raise ValueError(f"vertebrae must be 'whole' or 'split', got {self.vertebrae!r}.")
         if self.batch_slices < 1:
             raise ValueError(f"batch_slices must be at least 1, got {self.batch_slices}.")
         parse_slices(self.slices, 10**9)  # validates the syntax

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any, Generator, Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class StepUpdate:
 
 @dataclass
 class SegmentationResult:
-    labels: Volume  # uint8 in the scan's file order: 0 background, 1 canal, 2 vertebrae, 3 disc
+    labels: Volume  # uint8 in the scan's file order: 0 background, 1 canal, 2 vertebra, 3 disc (labelscheme)
     uncertainty: Volume  # float32, max over classes of the step-uncertainty map
     probabilities: list[Volume]  # one float32 volume per class
     canonical_labels: np.ndarray  # the same, in the canonical sagittal view (for napari)
@@ -141,6 +141,14 @@ def _validate(volume: Volume, config: SegmentationConfig, models: LoadedModels) 
         raise SegmentationError(
             f"The baseline has {len(models.baseline_config.class_names)} classes but the diffusion model {ncls}."
         )
+    if config.vertebrae == "split":
+        from .labelscheme import ChannelRoles
+
+        if not ChannelRoles.of(models.diffusion_config.class_names).can_split:
+            raise SegmentationError(
+                "This model has no vertebral-body and whole-vertebra channels, so it cannot split vertebrae; "
+                "use vertebrae 'whole' or a v4 model."
+            )
     if volume.kind != "image":
         raise SegmentationError("The input is a labels volume, not an image to segment.")
     if not np.issubdtype(volume.data.dtype, np.number) or np.iscomplexobj(volume.data):
@@ -205,13 +213,13 @@ class _Roi:
 
     @classmethod
     def around(cls, prior, margin_px: float, min_size: int = 64) -> "_Roi":
-        """Box of the largest connected part of the prior's column (vertebrae + discs when there are three
-        classes, else all), projected over the batch's slices, plus ``margin_px``."""
+        """Box of the largest connected part of the prior's column (the channels after the canal when there
+        are three or more, else all), projected over the batch's slices, plus ``margin_px``."""
         if prior is None or margin_px < 0:
             return cls(None)
         from scipy import ndimage
 
-        channels = prior[:, 1:] if prior.shape[1] == 3 else prior
+        channels = prior[:, 1:] if prior.shape[1] >= 3 else prior  # all but the canal (channel 0)
         fg = (channels > 0.5).any(dim=1).any(dim=0).cpu().numpy()
         comp, n = ndimage.label(fg)
         if n == 0:
@@ -251,12 +259,21 @@ def blend_presegmentation(diffusion, presegmentation, weight: float):
 
 
 def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], config: SegmentationConfig,
-                    slices: range | None = None) -> np.ndarray:
-    """Canonical class probabilities (C, n, rows, cols) -> canonical labels (n, rows, cols), the last stage
-    of :func:`segment`: Gaussian smoothing across the sagittal ``slices`` (``config.smooth_mm``, in place),
-    the label rule, per-slice post-processing and the single canal.  ``slices`` (a contiguous range, default
-    all) are the slices that were segmented; the others stay background."""
+                    slices: range | None = None, class_names: Sequence[str] | None = None) -> np.ndarray:
+    """Canonical channel probabilities (C, n, rows, cols) -> canonical written labels (n, rows, cols), the
+    last stage of :func:`segment`: Gaussian smoothing across the sagittal ``slices`` (``config.smooth_mm``,
+    in place), the structure probabilities (canal, vertebra, disc; :mod:`labelscheme`), the label rule,
+    per-slice post-processing, the single canal, and with ``config.vertebrae == "split"`` vertebral body (2)
+    and posterior elements (4).  ``slices`` (a contiguous range, default all) are the slices that were
+    segmented; the others stay background.  ``class_names`` (the model's channels) default to the three
+    channels of the v3 models."""
+    from .labelscheme import CHANNELS_V3, ChannelRoles, split_vertebrae, structure_probabilities
+
     slices = range(prob_c.shape[1]) if slices is None else slices
+    roles = ChannelRoles.of(class_names if class_names is not None else CHANNELS_V3)
+    if config.vertebrae == "split" and not roles.can_split:
+        raise SegmentationError("This model has no vertebral-body and whole-vertebra channels, so it cannot "
+                                "split vertebrae; use vertebrae 'whole' or a v4 model.")
     first, stop = slices.start, slices.stop
     if config.smooth_mm > 0 and len(slices) > 1:
         from scipy import ndimage
@@ -265,10 +282,13 @@ def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], con
                                                           axis=1, mode="nearest")
     labels = np.zeros(prob_c.shape[1:], np.uint8)
     for k in slices:
-        labels[k] = _postprocess(_labels_from_probabilities(prob_c[:, k]), prob_c[:, k],
+        structures = structure_probabilities(prob_c[:, k], roles) if roles.known else prob_c[:, k]
+        labels[k] = _postprocess(_labels_from_probabilities(structures), structures,
                                  (spacing[1], spacing[2]), config)
     if config.single_canal:
         _keep_largest_component(labels, 1)
+    if config.vertebrae == "split":
+        labels = split_vertebrae(labels, prob_c[roles.body])
     return labels
 
 
@@ -302,6 +322,7 @@ def segment(
     are yielded every ``stream_every`` steps (and always at a batch's last step); ``0`` = none."""
     import torch
 
+    from .labelscheme import labels_to_channels
     from .model.diffusion import schedule_from_dict
     from .model.sampler import sample, step_uncertainty
 
@@ -348,8 +369,8 @@ def segment(
             if config.prior == "baseline":
                 prior = torch.sigmoid(models.baseline(x))
             elif prior_canon is not None:
-                onehot = np.stack([prior_canon[idx] == c for c in range(1, ncls + 1)], axis=1)
-                prior = grid.to_model(torch.from_numpy(onehot.astype(np.float32)).to(dev), mode="nearest")
+                onehot = np.moveaxis(labels_to_channels(prior_canon[idx], ckpt.class_names), 0, 1)
+                prior = grid.to_model(torch.from_numpy(np.ascontiguousarray(onehot)).to(dev), mode="nearest")
             timings["prior_s"] += time.perf_counter() - tp
         ts0 = time.perf_counter()
         roi = _Roi.around(prior, config.roi_margin_mm / float(ckpt.spacing_mm[0]))
@@ -395,7 +416,7 @@ def segment(
         timings["post_s"] += time.perf_counter() - tq
 
     tq = time.perf_counter()
-    labels_c = finalize_labels(prob_c, spacing, config, chosen)
+    labels_c = finalize_labels(prob_c, spacing, config, chosen, ckpt.class_names)
     timings["post_s"] += time.perf_counter() - tq
     timings = {k: round(v, 3) for k, v in timings.items()}
     timings["total_s"] = round(time.perf_counter() - t0, 3)
