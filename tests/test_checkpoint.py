@@ -159,3 +159,62 @@ def test_config_validation(tmp_path) -> None:
     assert d["class_names"] == ["spinal canal", "vertebrae", "intervertebral disc"]
     assert d["intensity"] == {"method": "percentile", "low": 0.5, "high": 99.5}
     assert CheckpointConfig.from_dict({**d, "future_field": 1}) == CheckpointConfig()
+
+
+def _tiny_with_declared(tmp_path, name: str, kind: str = "diffusion", **network) -> "os.PathLike":
+    """A file with the tiny network's weights whose metadata declares another network shape."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(6)
+    net = BaselineNet("tiny") if kind == "baseline" else SpineSegDiffNet("tiny")
+    declared = CheckpointConfig(kind=kind, network=PRESETS["tiny"]).to_dict()
+    declared["network"].update(network)
+    if "num_classes" in network:  # keep the config itself valid: one name per declared class
+        declared["class_names"] = [f"class {i}" for i in range(network["num_classes"])]
+    path = tmp_path / name
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(path), metadata={"spinesegdiff": json.dumps(declared)})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "network", "what"),
+    [
+        ("diffusion", {"features": [4096, 4096, 8192, 8192, 16384, 4096]}, "features"),
+        ("diffusion", {"num_classes": 40}, "classes"),
+        ("diffusion", {"in_channels": 7}, "input channel"),
+        ("diffusion", {"temb_dim": 8192}, "differ in shape"),
+        ("baseline", {"features": [2048, 2048, 4096, 4096, 8192, 2048]}, "features"),
+    ],
+)
+def test_declared_network_mismatch_refused_before_building(tmp_path, monkeypatch, kind, network, what) -> None:
+    from napari_spinesegdiff.model import checkpoint as ckpt
+
+    path = _tiny_with_declared(tmp_path, "huge.safetensors", kind, **network)
+
+    def no_build(config):
+        raise AssertionError("build_module was called for a checkpoint whose metadata does not fit its weights")
+
+    monkeypatch.setattr(ckpt, "build_module", no_build)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    text = str(info.value)
+    assert "huge.safetensors" in text and what in text and "\n" not in text
+    assert text.count(". ") == 0 and text.endswith(".")
+
+
+def test_declared_network_matching_loads(tmp_path) -> None:
+    path = _tiny_with_declared(tmp_path, "ok.safetensors")
+    module, cfg = load_checkpoint(path)
+    assert cfg.network == PRESETS["tiny"] and isinstance(module, SpineSegDiffNet)
+
+
+@pytest.mark.parametrize("stored", ["[1, 2]", "{not json", '{"network": 5}', '{"network": {"features": "x"}}'])
+def test_invalid_stored_config_is_one_sentence(tmp_path, stored: str) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "odd.safetensors"
+    save_file({"a": torch.zeros(2)}, str(path), metadata={"spinesegdiff": stored})
+    with pytest.raises(CheckpointError, match="odd.safetensors") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)

@@ -138,9 +138,75 @@ def read_config(path: str | os.PathLike) -> CheckpointConfig | None:
     if METADATA_KEY not in meta:
         return None
     try:
-        return CheckpointConfig.from_dict(json.loads(meta[METADATA_KEY]))
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"The configuration stored in {Path(path).name} is invalid: {exc}") from None
+        stored = json.loads(meta[METADATA_KEY])
+        if not isinstance(stored, Mapping):
+            raise TypeError("it is not a JSON object")
+        return CheckpointConfig.from_dict(stored)
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
+        reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+        raise CheckpointError(f"The configuration stored in {Path(path).name} is invalid: {reason}.") from None
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a ``.safetensors`` file, read from its header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(int(n) for n in fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"Cannot read the tensor list of {path.name} ({exc}).") from None
+
+
+def declared_shapes(config: CheckpointConfig) -> dict[str, tuple[int, ...]]:
+    """The shapes the network a config declares must have for its size-setting tensors.
+
+    These tensors fix every width of the network (input channels, classes, the six ``features``, the
+    time-embedding sizes), so a file whose tensors have these shapes cannot make :func:`build_module`
+    build a network larger than its own weights.
+    """
+    net = config.network
+    f, cin, nc = net.features, net.in_channels, net.num_classes
+    if config.kind == "baseline":
+        shapes = {"unet.conv_0.conv_0.conv.weight": (f[0], cin, 3, 3)}
+        shapes.update({f"unet.down_{i}.convs.conv_0.conv.weight": (f[i], f[i - 1], 3, 3) for i in range(1, 5)})
+        shapes["unet.upcat_1.convs.conv_0.conv.weight"] = (f[5], f[0] + f[1], 3, 3)
+        shapes["unet.final_conv.weight"] = (nc, f[5], 1, 1)
+        return shapes
+    shapes = {"embed_model.conv_0.conv_0.conv.weight": (f[0], cin, 3, 3)}
+    shapes.update({f"embed_model.down_{i}.convs.conv_0.conv.weight": (f[i], f[i - 1], 3, 3) for i in range(1, 5)})
+    shapes["model.conv_0.conv_0.conv.weight"] = (f[0], cin + nc, 3, 3)
+    shapes.update({f"model.down_{i}.convs.conv_0.conv.weight": (f[i], f[i - 1], 3, 3) for i in range(1, 5)})
+    shapes["model.temb.dense.0.weight"] = (net.temb_dim, net.sinusoidal_dim)
+    shapes["model.temb.dense.1.weight"] = (net.temb_dim, net.temb_dim)
+    shapes["model.upcat_1.convs.conv_0.conv.weight"] = (f[5], f[0] + f[1], 3, 3)
+    shapes["model.final_conv.weight"] = (nc, f[5], 1, 1)
+    return shapes
+
+
+def check_declared_network(
+    config: CheckpointConfig, shapes: Mapping[str, tuple[int, ...]], name: str, declared_by: str = "its metadata"
+) -> None:
+    """Refuse (one sentence naming the file) a config whose declared network does not fit the tensors.
+
+    ``shapes`` maps tensor names to shapes (from the file's header); nothing is built or allocated.
+    """
+    net = config.network
+    what = (
+        f"the {config.kind} network {declared_by} declares ({net.in_channels} input channel(s), "
+        f"{net.num_classes} classes, features {list(net.features)})"
+    )
+    if any(int(v) <= 0 for v in (*net.features, net.in_channels, net.num_classes, net.temb_dim, net.sinusoidal_dim)):
+        raise CheckpointError(f"{name} does not match {what}: every width must be positive.")
+    for key, want in declared_shapes(config).items():
+        have = shapes.get(key)
+        if have is None:
+            raise CheckpointError(f"{name} does not match {what}: its weights lack the tensor {key}.")
+        if tuple(have) != tuple(want):
+            raise CheckpointError(
+                f"{name} does not match {what}: tensors differ in shape, for instance {key} is {tuple(have)} in the "
+                f"file and {tuple(want)} in the declared network, so the network is not built."
+            )
 
 
 def load_checkpoint(
@@ -156,16 +222,23 @@ def load_checkpoint(
         from safetensors.torch import load_file
 
         config = read_config(path)
+        if config is not None:  # compare the declared network with the tensors before loading or building
+            check_declared_network(config, _safetensors_shapes(path), path.name)
         try:
             state = load_file(str(path), device="cpu")
         except Exception as exc:
             raise CheckpointError(f"Cannot read the weights in {path.name} ({exc}).") from None
-        if config is None:
+        official = config is None
+        if official:
             state = _unwrap(state)
             config = _official_config(path, state, preset)
     else:
+        official = True
         state = _unwrap(_torch_load(path))
         config = _official_config(path, state, preset)
+    if official and preset:
+        check_declared_network(config, {k: tuple(v.shape) for k, v in state.items()}, path.name,
+                               declared_by=f"the preset {preset!r}")
     module = build_module(config)
     _load_strict(module, state, path.name)
     return module.to(map_location).eval(), config
