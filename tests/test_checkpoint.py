@@ -16,10 +16,11 @@ from napari_spinesegdiff.model.checkpoint import (
     CheckpointError,
     file_sha256,
     load_checkpoint,
+    load_network,
     read_config,
     save_checkpoint,
 )
-from napari_spinesegdiff.model.network import PRESETS, SpineSegDiffNet, load_network
+from napari_spinesegdiff.model.network import PRESETS, SpineSegDiffNet
 
 torch.set_num_threads(1)
 

@@ -9,6 +9,7 @@ from .checkpoint import (
     CheckpointError,
     file_sha256,
     load_checkpoint,
+    load_network,
     read_config,
     save_checkpoint,
 )
@@ -19,7 +20,6 @@ from .network import (
     NetworkConfig,
     SpineSegDiffNet,
     build_network,
-    load_network,
 )
 from .sampler import (
     SampleResult,

@@ -244,6 +244,12 @@ def load_checkpoint(
     return module.to(map_location).eval(), config
 
 
+def load_network(path: str, map_location: str | torch.device = "cpu", preset: str | None = None) -> nn.Module:
+    """Load a checkpoint (ours or an official raw file) -> network in eval mode."""
+    module, _ = load_checkpoint(path, map_location=map_location, preset=preset)
+    return module
+
+
 def _require_file(path: str | os.PathLike) -> None:
     if not Path(path).is_file():
         raise CheckpointError(f"Checkpoint file {str(path)!r} does not exist or is not a file.")

@@ -305,11 +305,3 @@ class SpineSegDiffNet(nn.Module):
 def build_network(config: NetworkConfig | str = "midl2025") -> SpineSegDiffNet:
     """A freshly initialised :class:`SpineSegDiffNet` for a config or preset name."""
     return SpineSegDiffNet(config)
-
-
-def load_network(path: str, map_location: str | torch.device = "cpu", preset: str | None = None) -> nn.Module:
-    """Load a checkpoint (ours or an official raw file) -> network in eval mode."""
-    from .checkpoint import load_checkpoint
-
-    module, _ = load_checkpoint(path, map_location=map_location, preset=preset)
-    return module
