@@ -19,10 +19,13 @@ def cases():
 def test_phantom_cases_are_on_the_model_grid(cases):
     c = cases[0]
     assert c.image.dtype == np.float32 and c.image.ndim == 3
-    assert c.target.shape == (c.image.shape[0], 3, *c.image.shape[1:])
+    assert c.target.shape == (c.image.shape[0], 4, *c.image.shape[1:])
     assert c.known.all()
-    for ch in range(3):
+    for ch in range(4):
         assert c.target[:, ch].any(), f"channel {ch} is empty in a phantom"
+    body, whole = c.target[:, 1].astype(bool), c.target[:, 3].astype(bool)
+    assert not (body & ~whole).any(), "a vertebral body lies inside its whole vertebra"
+    assert whole.sum() > 1.2 * body.sum(), "the whole vertebra adds the posterior elements"
 
 
 @pytest.mark.parametrize("kind", ["baseline", "diffusion"])
@@ -74,13 +77,13 @@ def test_unknown_channels_get_zero_gradient():
 
 def test_case_known_mask_uses_row_range_and_unknown_voxels():
     n, h, w = 2, 10, 6
-    case = TrainCase("a", "a", "VB", np.zeros((n, h, w), np.float32), np.zeros((n, 3, h, w), np.uint8),
-                     np.array([False, True, False]), rows=(3, 7), slice_weights=np.ones(n) / n)
+    case = TrainCase("a", "a", "VB", np.zeros((n, h, w), np.float32), np.zeros((n, 4, h, w), np.uint8),
+                     np.array([False, True, False, False]), rows=(3, 7), slice_weights=np.ones(n) / n)
     m = case.known_mask(0)
-    assert m.shape == (3, h, w)
-    assert not m[0].any() and not m[2].any()
+    assert m.shape == (4, h, w)
+    assert not m[0].any() and not m[2].any() and not m[3].any()
     assert m[1, 3:7].all() and not m[1, :3].any() and not m[1, 7:].any()
-    case.unknown = np.zeros((n, 3, h, w), bool)
+    case.unknown = np.zeros((n, 4, h, w), bool)
     case.unknown[1, 1, 4, 2] = True
     assert case.known_mask(0)[1, 4, 2] and not case.known_mask(1)[1, 4, 2]
 
@@ -99,7 +102,7 @@ def test_folds_never_share_a_patient_and_cover_everyone():
 
 
 def test_split_cases_keeps_phantoms_in_training(tmp_path, cases):
-    real = [TrainCase(f"VB3_{i}", f"VB3_{i}", "VB3", *[np.zeros(1)] * 2, np.ones(3, bool)) for i in range(10)]
+    real = [TrainCase(f"VB3_{i}", f"VB3_{i}", "VB3", *[np.zeros(1)] * 2, np.ones(4, bool)) for i in range(10)]
     train, val, split = split_cases(real + list(cases), tmp_path / "splits.json", 5, 0, 0)
     assert all(c in train for c in cases)
     assert {c.patient for c in val}.isdisjoint({c.patient for c in train})
@@ -142,7 +145,7 @@ class _Recorder(torch.nn.Module):
 
 class _ConstantPrior(torch.nn.Module):
     def forward(self, image):
-        return torch.full((image.shape[0], 3, *image.shape[2:]), 30.0)  # sigmoid = 1 everywhere
+        return torch.full((image.shape[0], 4, *image.shape[2:]), 30.0)  # sigmoid = 1 everywhere
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
@@ -154,8 +157,8 @@ def test_prior_training_noises_the_presegmentation_instead_of_the_truth(share):
 
     schedule = CosineSchedule(1000)
     b = 16
-    batch = {"image": torch.randn(b, 1, 12, 12), "target": torch.zeros(b, 3, 12, 12),
-             "known": torch.ones(b, 3, 12, 12)}
+    batch = {"image": torch.randn(b, 1, 12, 12), "target": torch.zeros(b, 4, 12, 12),
+             "known": torch.ones(b, 4, 12, 12)}
     cfg = TrainConfig(kind="diffusion", t_focus=400, prior_share=share)
     plain, with_prior = _Recorder(), _Recorder()
     forward_loss(plain, batch, cfg, schedule, torch.Generator().manual_seed(3))
@@ -167,3 +170,71 @@ def test_prior_training_noises_the_presegmentation_instead_of_the_truth(share):
     assert torch.allclose(x_prior, expected, atol=1e-3)
     if share > 0:
         assert bool((t < 400).any()) and bool((t >= 400).any())  # both kinds of sample occurred
+
+
+def test_whole_vertebra_labels_leave_the_body_unknown_only_inside_vertebrae():
+    """SPIDER-style truth (2 = whole vertebra): canal, disc and whole-vertebra channels are known everywhere;
+    the body channel is known (0) outside the vertebrae and unknown inside them, so its loss is masked
+    there and its gradient is exactly zero."""
+    from napari_spinesegdiff.training.data import _finish, classes_to_channels
+
+    labels = np.zeros((3, 40, 30), np.uint8)
+    labels[:, 5:15, 5:20] = 2  # a vertebra
+    labels[:, 15:19, 5:20] = 3  # a disc
+    labels[:, :, 22:26] = 1  # the canal
+    target = np.moveaxis(classes_to_channels(labels), 0, 1)
+    assert not target[:, 1].any()  # no body label in a whole-vertebra dataset
+    case = _finish("s", "s", "spider", np.random.default_rng(0).random(labels.shape), target, (1.0, 1.0, 1.0),
+                   (1.0, 1.0), np.ones(4, bool), False, None, body_inside_whole_unknown=True)
+    m = case.known_mask(1)
+    assert m[[0, 2, 3]].all()
+    assert not m[1, 5:15, 5:20].any() and m[1, 20:, :].all() and m[1, :5].all()
+    logits = torch.zeros(1, 4, 40, 30, requires_grad=True)
+    segdiff_loss(logits, torch.as_tensor(case.target[1:2], dtype=torch.float32),
+                 torch.as_tensor(m[None], dtype=torch.float32))["loss"].backward()
+    assert torch.all(logits.grad[0, 1, 5:15, 5:20] == 0) and torch.all(logits.grad[0, 1, 20:] != 0)
+
+
+@pytest.mark.parametrize("kind", ["baseline", "diffusion"])
+def test_three_channel_weights_grow_into_the_four_channel_model(kind):
+    """Fine-tuning a v3 model: the grown network computes exactly what the old one did on canal, body and
+    disc, and its new whole-vertebra output starts as the body output."""
+    import dataclasses
+
+    from napari_spinesegdiff.model.baseline import BaselineNet
+    from napari_spinesegdiff.model.network import PRESETS, SpineSegDiffNet
+    from napari_spinesegdiff.training.train import TrainConfig, build_model, load_init_weights
+
+    torch.manual_seed(0)
+    old_cfg = dataclasses.replace(PRESETS["tiny"], num_classes=3)
+    old = (BaselineNet if kind == "baseline" else SpineSegDiffNet)(old_cfg).eval()
+    new, _ = build_model(TrainConfig(kind=kind, preset="tiny"))
+    load_init_weights(new, old.state_dict(), log=lambda s: None)
+    new.eval()
+    x = torch.rand(2, 1, 48, 48)
+    with torch.no_grad():
+        if kind == "baseline":
+            a, b = new(x), old(x)
+        else:
+            xt, t = torch.rand(2, 3, 48, 48) * 2 - 1, torch.tensor([50, 700])
+            a, b = new(torch.cat([xt, torch.rand(2, 1, 48, 48)], 1), t, x), old(xt, t, x)
+    assert a.shape[1] == 4
+    assert torch.allclose(a[:, :3], b, atol=1e-5)
+    assert torch.allclose(a[:, 3], a[:, 1], atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        bad = {k: v[..., :1] if v.ndim == 4 else v for k, v in old.state_dict().items()}
+        load_init_weights(new, bad, log=lambda s: None)
+
+
+def test_sampling_is_balanced_per_source_then_group():
+    def case(name, group, source):
+        c = TrainCase(name, name, group, *[np.zeros(1)] * 2, np.ones(4, bool))
+        c.source = source
+        return c
+
+    cases = ([case(f"VB3_{i}", "VB3", "lumbar") for i in range(20)] + [case("IVD_1", "IVD", "lumbar")]
+             + [case(f"S_{i}", "spider", "spider") for i in range(5)] + [case("ph", "phantom", "phantom")])
+    w = np.array(balanced_weights(cases, phantom_share=0.2))
+    src = np.array([c.source for c in cases])
+    assert abs(w[src == "spider"].sum() - 0.4) < 1e-9 and abs(w[src == "lumbar"].sum() - 0.4) < 1e-9
+    assert abs(w[[c.group == "IVD" for c in cases]].sum() - 0.2) < 1e-9  # half of lumbar's share

@@ -10,10 +10,17 @@ Layouts understood by :func:`load_cases`:
 
 * ``lumbar``: ``<case>_image.nii.gz`` + ``<case>_label.nii.gz`` with instance labels of ONE structure
   (``IVD_*`` discs, ``VB*_*`` vertebral bodies), as in ``shared/data/lumbar``.
+* ``slabs``: ``<case>_image.nii.gz`` + ``<case>_label.nii.gz`` with every structure labelled in SPIDER's
+  product classes (1 canal, 2 whole vertebra, 3 disc), as in ``shared/data/spider_t2space``.
 * ``spider``: SPIDER's ``images/*.mha`` + ``masks/*.mha`` (vertebrae 1-25, canal 100, discs 201-225).
 * ``nnunet``: ``imagesTr/<case>_0000.nii.gz`` + ``labelsTr/<case>.nii.gz`` (labels 1 canal, 2 vertebrae,
   3 disc, or SPIDER values), with an optional ``splits_final.json``.
-* ``phantom:N``: N synthetic spines (all three classes known everywhere).
+* ``phantom:N``: N synthetic spines (every channel known everywhere).
+
+Channels (:data:`labelscheme.CHANNELS`): 0 canal, 1 vertebral body, 2 disc, 3 whole vertebra.  Datasets
+that label whole vertebrae (SPIDER) leave the body channel unknown inside each vertebra (a pixel outside
+every vertebra is known not to be body); datasets that label bodies (``lumbar`` VB) leave the whole-vertebra
+channel unknown.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..labelscheme import CHANNELS
 from ..preprocess import normalize_intensity
 
-NUM_CLASSES = 3  # channels: 0 canal, 1 vertebrae, 2 disc (product labels 1, 2, 3)
+NUM_CLASSES = len(CHANNELS)  # channels: 0 canal, 1 vertebral body, 2 disc, 3 whole vertebra
+CANAL_CH, BODY_CH, DISC_CH, WHOLE_CH = range(NUM_CLASSES)
 
 
 @dataclass
@@ -44,6 +53,7 @@ class TrainCase:
     rows: tuple[int, int] | None = None  # SI rows [r0, r1) where labels are complete; None = all
     slice_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
     unknown: np.ndarray | None = None  # (N, C, H, W) bool: voxels whose label is unknown (else None)
+    source: str = ""  # the dataset (lumbar, spider, nnunet, phantom): sampling is balanced per source first
 
     def known_mask(self, k: int | None = None) -> np.ndarray:
         """(C, H, W) bool mask of the pixels of slice ``k`` where the loss may look at each channel."""
@@ -56,9 +66,21 @@ class TrainCase:
         return m
 
 
-def classes_to_channels(labels: np.ndarray) -> np.ndarray:
-    """Product labels (…, 1 canal, 2 vertebrae, 3 disc) -> one-hot channels without background (C, …)."""
-    return np.stack([(labels == c) for c in (1, 2, 3)]).astype(np.uint8)
+def classes_to_channels(labels: np.ndarray, posterior: np.ndarray | None = None) -> np.ndarray:
+    """Written labels (1 canal, 2 vertebra, 3 disc) -> the training channels (C, ...) as uint8.
+
+    Without ``posterior`` label 2 is the whole vertebra (SPIDER) and the body channel is left 0 (unknown
+    inside vertebrae, see :func:`_finish`); with a ``posterior`` mask label 2 is the vertebral body
+    (phantoms) and the whole vertebra is body + posterior elements."""
+    out = np.zeros((NUM_CLASSES, *labels.shape), np.uint8)
+    out[CANAL_CH] = labels == 1
+    out[DISC_CH] = labels == 3
+    if posterior is None:
+        out[WHOLE_CH] = labels == 2
+    else:
+        out[BODY_CH] = labels == 2
+        out[WHOLE_CH] = (labels == 2) | (posterior > 0)
+    return out
 
 
 def _model_grid(canonical: np.ndarray, spacing: Sequence[float], target: Sequence[float], order: int) -> np.ndarray:
@@ -71,8 +93,10 @@ def _model_grid(canonical: np.ndarray, spacing: Sequence[float], target: Sequenc
 
 
 def _finish(name, patient, group, image_c, target_c, spacing, target_spacing, known, rows_from_labels,
-            intensity) -> TrainCase:
-    """Normalise, resample in-plane, and compute the label row range and slice weights."""
+            intensity, body_inside_whole_unknown: bool = False) -> TrainCase:
+    """Normalise, resample in-plane, and compute the label row range and slice weights.  With
+    ``body_inside_whole_unknown`` the body channel is known (0) outside the whole vertebrae and unknown
+    inside them (datasets that label whole vertebrae only)."""
     image = normalize_intensity(_model_grid(image_c.astype(np.float32), spacing, target_spacing, 1), intensity)
     target = np.stack(
         [_model_grid(target_c[:, c], spacing, target_spacing, 0) for c in range(NUM_CLASSES)], axis=1
@@ -83,7 +107,12 @@ def _finish(name, patient, group, image_c, target_c, spacing, target_spacing, kn
         rows = (int(any_rows[0]), int(any_rows[-1]) + 1) if any_rows.size else (0, 0)
     labelled = target[:, known].reshape(target.shape[0], -1).any(axis=1)
     weights = np.where(labelled, 1.0, 0.15)  # slices without labelled structure are seen less often
-    return TrainCase(name, patient, group, image, target, np.asarray(known, bool), rows, weights / weights.sum())
+    unknown = None
+    if body_inside_whole_unknown:
+        unknown = np.zeros(target.shape, bool)
+        unknown[:, BODY_CH] = target[:, WHOLE_CH] > 0
+    return TrainCase(name, patient, group, image, target, np.asarray(known, bool), rows, weights / weights.sum(),
+                     unknown)
 
 
 def lumbar_cases(root: Path, names: Iterable[str] | None = None, target_spacing=(1.0, 1.0),
@@ -103,7 +132,7 @@ def lumbar_cases(root: Path, names: Iterable[str] | None = None, target_spacing=
             image, labels = read_pair(img_path, lab_path)
         except ValueError:
             continue  # mismatched pairs (VB2_02 ...) are reported by read_pair; training skips them
-        channel = 2 if name.upper().startswith("IVD") else 1
+        channel = DISC_CH if name.upper().startswith("IVD") else BODY_CH
         known = np.zeros(NUM_CLASSES, bool)
         known[channel] = True
         canon_lab = labels.canonical() > 0
@@ -130,14 +159,25 @@ def _paired_layout(images: list[Path], label_for, group: str, target_spacing, in
         name = _case_name(img_path)
         cases.append(_finish(name, patient_of(name), group, image.canonical(), target,
                              image.orientation.canonical_spacing, target_spacing,
-                             np.ones(NUM_CLASSES, bool), False, intensity))
+                             np.ones(NUM_CLASSES, bool), False, intensity, body_inside_whole_unknown=True))
     return cases
 
 
 def _case_name(path: Path) -> str:
     from ..io.readers import file_stem
 
-    return re.sub(r"_0000$", "", file_stem(path))
+    return re.sub(r"(_0000|_image)$", "", file_stem(path))
+
+
+def slab_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
+    """``<case>_image.nii.gz`` + ``<case>_label.nii.gz``, every structure labelled (1 canal, 2 whole
+    vertebra, 3 disc), as in ``shared/data/spider_t2space``; patient = case, group ``spider``."""
+    root = Path(root)
+    return _paired_layout(
+        sorted(root.glob("*_image.nii.gz")),
+        lambda p: p.with_name(p.name[: -len("_image.nii.gz")] + "_label.nii.gz"),
+        "spider", target_spacing, intensity, lambda n: n,
+    )
 
 
 def spider_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
@@ -175,7 +215,7 @@ def phantom_cases(n: int, seed: int = 0, target_spacing=(1.0, 1.0), intensity=No
             degenerated=int(rng.integers(0, 3)),
             spacing=spacing,
         )
-        target = np.moveaxis(classes_to_channels(ph.labels.canonical()), 0, 1)
+        target = np.moveaxis(classes_to_channels(ph.labels.canonical(), ph.posterior_elements.canonical()), 0, 1)
         case = _finish(f"phantom_{seed}_{i}", f"phantom_{seed}_{i}", "phantom", ph.image.canonical(), target,
                        ph.image.orientation.canonical_spacing, target_spacing, np.ones(NUM_CLASSES, bool),
                        False, intensity)
@@ -184,10 +224,20 @@ def phantom_cases(n: int, seed: int = 0, target_spacing=(1.0, 1.0), intensity=No
 
 
 def load_cases(spec: str, target_spacing=(1.0, 1.0), intensity=None, names=None) -> list[TrainCase]:
-    """``lumbar:PATH`` | ``spider:PATH`` | ``nnunet:PATH`` | ``phantom:N[:SEED]``."""
+    """``lumbar:PATH`` | ``slabs:PATH`` | ``spider:PATH`` | ``nnunet:PATH`` | ``phantom:N[:SEED]``."""
+    cases = _load_cases(spec, target_spacing, intensity, names)
+    source = {"slabs": "spider"}.get(spec.partition(":")[0], spec.partition(":")[0])
+    for c in cases:
+        c.source = source
+    return cases
+
+
+def _load_cases(spec: str, target_spacing, intensity, names) -> list[TrainCase]:
     kind, _, rest = spec.partition(":")
     if kind == "lumbar":
         return lumbar_cases(Path(rest), names, target_spacing, intensity)
+    if kind == "slabs":
+        return slab_cases(Path(rest), target_spacing, intensity)
     if kind == "spider":
         return spider_cases(Path(rest), target_spacing, intensity)
     if kind == "nnunet":
@@ -195,7 +245,8 @@ def load_cases(spec: str, target_spacing=(1.0, 1.0), intensity=None, names=None)
     if kind == "phantom":
         n, _, seed = rest.partition(":")
         return phantom_cases(int(n), int(seed or 0), target_spacing, intensity)
-    raise ValueError(f"Unknown data source {spec!r}: use lumbar:PATH, spider:PATH, nnunet:PATH or phantom:N.")
+    raise ValueError(f"Unknown data source {spec!r}: use lumbar:PATH, slabs:PATH, spider:PATH, nnunet:PATH or "
+                     "phantom:N.")
 
 
 # --------------------------------------------------------------------------------------------- folds

@@ -28,17 +28,20 @@ def split_cases(cases: Sequence[TrainCase], splits_file: Path | None, k: int, fo
 
 def balanced_weights(cases: Sequence[TrainCase], phantom_share: float = 0.3) -> list[float]:
     """Sampling weights: phantoms together get ``phantom_share``; the real share is split equally between
-    groups (so three disc cases are not drowned by twenty vertebra cases), then equally within a group."""
-    real_groups = sorted({c.group for c in cases if c.group != "phantom"})
+    sources (datasets: ``lumbar``, ``spider``, ...), within a source equally between groups (so three disc
+    cases are not drowned by twenty vertebra cases), then equally within a group."""
+    real = [c for c in cases if c.group != "phantom"]
+    sources = sorted({c.source for c in real})
     n_ph = sum(c.group == "phantom" for c in cases)
-    share = phantom_share if n_ph and real_groups else (1.0 if n_ph else 0.0)
+    share = phantom_share if n_ph and real else (1.0 if n_ph else 0.0)
     weights = []
     for c in cases:
         if c.group == "phantom":
             weights.append(share / n_ph)
-        else:
-            members = sum(o.group == c.group for o in cases)
-            weights.append((1 - share) / len(real_groups) / members)
+            continue
+        groups = {o.group for o in real if o.source == c.source}
+        members = sum(o.group == c.group and o.source == c.source for o in real)
+        weights.append((1 - share) / len(sources) / len(groups) / members)
     return weights
 
 

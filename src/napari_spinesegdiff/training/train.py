@@ -14,6 +14,7 @@ under ``torchrun`` (DistributedDataParallel: each rank draws different batches; 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -26,12 +27,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..labelscheme import CHANNELS
 from ..model.sampler import logits_to_x0
 from .batches import SliceBatches
-from .data import TrainCase
+from .data import NUM_CLASSES, TrainCase
 from .losses import segdiff_loss
 
-CLASS_NAMES = ["spinal canal", "vertebrae", "intervertebral disc"]
+CLASS_NAMES = list(CHANNELS)
 
 
 @dataclass
@@ -69,12 +71,43 @@ def build_model(cfg: TrainConfig):
     from ..model.baseline import BaselineNet
     from ..model.network import PRESETS, SpineSegDiffNet
 
-    net_cfg = PRESETS[cfg.preset]
+    net_cfg = dataclasses.replace(PRESETS[cfg.preset], num_classes=NUM_CLASSES)
     if cfg.kind == "baseline":
         return BaselineNet(net_cfg), net_cfg
     if cfg.kind == "diffusion":
         return SpineSegDiffNet(net_cfg), net_cfg
     raise ValueError(f"kind must be 'diffusion' or 'baseline', got {cfg.kind!r}.")
+
+
+def load_init_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], log: Callable[[str], None] = print) -> None:
+    """Start ``net`` from ``state`` (fine-tuning).  A three-channel model (v1-v3: canal, vertebral body,
+    disc) grows into the four-channel layout: every tensor whose size differs by one along a single axis
+    (the denoiser's mask input, the output convolution and its bias) keeps its old slices.  The new
+    whole-vertebra output starts as a copy of the vertebral-body output (the second-to-last old slice); the
+    new whole-vertebra input starts at zero, so the grown network computes exactly what the old one did."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"The initial weights lack {len(missing)} tensors of this network (e.g. {missing[0]}).")
+    grown = 0
+    for key, old in state.items():
+        if key not in own:
+            raise ValueError(f"The initial weights have a tensor {key} that this network does not.")
+        new = own[key]
+        if old.shape == new.shape:
+            own[key] = old
+            continue
+        diff = [d for d in range(old.ndim) if old.shape[d] != new.shape[d]]
+        if old.ndim != new.ndim or len(diff) != 1 or new.shape[diff[0]] != old.shape[diff[0]] + 1:
+            raise ValueError(f"The initial weights' {key} has shape {tuple(old.shape)}; this network needs "
+                             f"{tuple(new.shape)}.")
+        d = diff[0]
+        extra = old.narrow(d, old.shape[d] - 2, 1) if d == 0 else torch.zeros_like(old.narrow(d, 0, 1))
+        own[key] = torch.cat([old, extra], dim=d)
+        grown += 1
+    net.load_state_dict(own)
+    if grown:
+        log(f"grew {grown} tensors from 3 to 4 channels (whole vertebra starts as the vertebral body)")
 
 
 def checkpoint_config(cfg: TrainConfig, net_cfg, metrics: dict, extra: dict) -> dict:
@@ -197,7 +230,7 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
     net, net_cfg = build_model(cfg)
     if cfg.init:
         init_net, _ = load_checkpoint(cfg.init)
-        net.load_state_dict(init_net.state_dict())
+        load_init_weights(net, init_net.state_dict(), log)
     net.to(device).train()
     prior_net = None
     if cfg.prior and cfg.kind == "diffusion":
