@@ -95,3 +95,52 @@ def test_split_patients_picks_the_subset_and_refuses_missing_folds(tmp_path):
         split_patients(path, 1)
     with pytest.raises(ValueError, match="subset"):
         split_patients(path, 0, "train")
+
+
+def test_band_auroc_leaves_out_far_background_with_a_known_answer():
+    """Truth a square, prediction the square shifted by two columns: the errors are two strips. The
+    uncertainty is 1 on the errors and also on a patch of correct background far away: over whole slices
+    that patch costs AUROC, in the 5-voxel band around truth and prediction it is not counted (AUROC 1);
+    the class row uses that class's own channel."""
+    from napari_spinesegdiff.evaluation.metrics import band_mask
+
+    truth = np.zeros((1, 60, 60), np.uint8)
+    truth[0, 10:30, 10:30] = 3
+    pred = np.zeros_like(truth)
+    pred[0, 10:30, 12:32] = 3
+    errors = pred != truth
+    unc = errors.astype(np.float32)
+    unc[0, 50:58, 50:58] = 1.0  # far from both: correct, but flagged
+    case = EvalCase("c", "spider", Volume(np.zeros((1, 60, 60), np.float32), np.eye(4)), truth, (3,), None)
+    class_unc = np.stack([np.zeros_like(unc), np.zeros_like(unc), unc])  # the disc's own channel
+    (row,) = score_case(case, pred, unc, class_unc, ["spinal canal", "vertebrae", "intervertebral disc"])
+    n_err, n_far = int(errors.sum()), 64
+    band = band_mask(pred > 0, truth > 0, 5)
+    assert band.sum() == 30 * 32  # rows 5..34, columns 5..36
+    assert not band[0, 50:58, 50:58].any()
+    n_ok = int(truth.any(axis=0).size - errors.sum())  # correct voxels over the whole slice
+    expected_slice = 1 - 0.5 * n_far / n_ok  # ties with the errors count one half
+    assert row["uncertainty_auroc"] == pytest.approx(expected_slice, abs=1e-4)  # rounded to 4 places
+    assert row["band_auroc"] == 1.0 and row["band_auroc_class"] == 1.0
+    assert n_err == 80
+    # an uninformative map scores one half in the band
+    (flat,) = score_case(case, pred, np.ones_like(unc), class_unc * 0, ["spinal canal", "vertebrae",
+                                                                        "intervertebral disc"])
+    assert flat["band_auroc"] == 0.5 and flat["band_auroc_class"] == 0.5
+
+
+def test_label_channels_and_probabilities_of_four_and_three_channel_models():
+    from napari_spinesegdiff.labelscheme import (CHANNELS, CHANNELS_V3, label_channels, label_probability,
+                                                 labels_to_channels, merge_vertebrae)
+
+    assert label_channels(2, CHANNELS, "whole") == [1, 3]
+    assert label_channels(2, CHANNELS, "split") == [1] and label_channels(4, CHANNELS, "split") == [3]
+    assert label_channels(2, CHANNELS_V3) == [1] and label_channels(4, CHANNELS_V3, "split") == []
+    p = np.array([0.1, 0.3, 0.2, 0.9])[:, None]
+    assert label_probability(p, CHANNELS, 2, "whole")[0] == pytest.approx(0.9)
+    assert label_probability(p, CHANNELS, 4, "split")[0] == pytest.approx(0.7)  # whole and not body
+    split = np.array([0, 1, 2, 3, 4])
+    assert merge_vertebrae(split).tolist() == [0, 1, 2, 3, 2]
+    ch = labels_to_channels(split, CHANNELS)
+    assert ch[:, 2].tolist() == [0, 1, 0, 1]  # label 2 (body): body and whole vertebra
+    assert ch[:, 4].tolist() == [0, 0, 0, 1]  # label 4 (posterior elements): whole vertebra only

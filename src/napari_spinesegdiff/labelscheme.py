@@ -116,3 +116,26 @@ def labels_to_channels(labels: np.ndarray, class_names: Sequence[str]) -> np.nda
     if roles.body is not None:
         out[roles.body] = labels == VERTEBRA
     return out
+
+
+def label_channels(label: int, class_names: Sequence[str], vertebrae: Vertebrae = "whole") -> list[int]:
+    """The model channels whose probabilities (and uncertainty) make up written ``label``."""
+    roles = ChannelRoles.of(class_names)
+    if not roles.known:
+        return [label - 1] if 1 <= label <= len(class_names) else []
+    vert = [i for i in (roles.body, roles.whole) if i is not None]
+    table = {CANAL: [roles.canal], DISC: [roles.disc],
+             VERTEBRA: [roles.body] if vertebrae == "split" and roles.can_split else vert,
+             POSTERIOR: [roles.whole] if vertebrae == "split" and roles.can_split else []}
+    return [int(i) for i in table.get(label, []) if i is not None]
+
+
+def label_probability(probs: np.ndarray, class_names: Sequence[str], label: int,
+                      vertebrae: Vertebrae = "whole") -> np.ndarray:
+    """P(written ``label``) from channel probabilities (C, ...): the largest of its channels' (posterior
+    elements: whole vertebra and not body)."""
+    roles = ChannelRoles.of(class_names)
+    if label == POSTERIOR and vertebrae == "split" and roles.can_split:
+        return np.minimum(probs[roles.whole], 1.0 - probs[roles.body])
+    ch = label_channels(label, class_names, vertebrae)
+    return np.max(probs[ch], axis=0) if ch else np.zeros(probs.shape[1:], probs.dtype)

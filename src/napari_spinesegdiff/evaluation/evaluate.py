@@ -1,12 +1,16 @@
-"""``spinesegdiff evaluate``: per case and class 3-D Dice and HD95 for the baseline presegmentation and the
-diffusion model, uncertainty AUROC for misclassified voxels, an optional sweep of steps / t_start /
-ensemble with seconds per scan, a degenerated-disc subgroup on phantoms, CSV + Markdown report + figures.
+"""``spinesegdiff evaluate``: per case and class Dice (3-D, and 2-D on the middle sagittal slice as in the
+paper) and HD95 for the presegmentation alone, the diffusion output alone and the default blend; the
+uncertainty AUROC for misclassified voxels (over the labelled slices, and in a band of 5 voxels around the
+truth and the prediction, where a reviewer looks); an optional sweep of steps / t_start / ensemble with
+seconds per scan; a degenerated-disc subgroup on phantoms; CSV + Markdown report + per-class reliability.
 
-The baseline is evaluated through the same pipeline with ``t_start = 0``: the sampler then returns the
-presegmentation unchanged, so both rows of a case differ only by the diffusion refinement.
+The presegmentation is evaluated through the same pipeline with ``t_start = 0``: the sampler then returns
+it unchanged, so the rows of a case differ only by the diffusion refinement and the blend.
 
 Partial labels (the ``lumbar`` data): only the labelled class is scored, and only within the
 superior-inferior rows that the mask spans ("in range"); whole-volume Dice is reported beside it.
+Vertebral-body masks (``lumbar`` VB) are scored against label 2 of ``--vertebrae split``; whole-vertebra
+masks (SPIDER, phantoms) against label 2 of the default ``whole`` scheme.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import numpy as np
 
 from ..config import SegmentationConfig
 from ..io.volume import Volume
+from ..labelscheme import label_channels, label_names, label_probability, merge_vertebrae
 from ..training.data import read_fold
-from .metrics import auroc, dice, hd95, reliability
+from .metrics import auroc, band_mask, dice, hd95, reliability
 
-CLASS_NAMES = ["spinal canal", "vertebrae", "intervertebral disc"]
+#: Names of the scored written classes (whole-vertebra scheme; "vertebral body" where bodies are scored).
+CLASS_NAMES = [label_names("whole")[c] for c in (1, 2, 3)]
+BAND_VOXELS = 5
 
 
 @dataclass
@@ -37,6 +44,10 @@ class EvalCase:
     classes: tuple[int, ...]  # labelled classes (1-based)
     in_range: np.ndarray | None  # canonical bool mask of the labelled SI rows (None = everywhere)
     degenerated_discs: np.ndarray | None = None  # canonical bool mask of degenerated discs (phantoms)
+    vertebrae: str = "whole"  # "split": the truth's label 2 is the vertebral body (lumbar VB masks)
+
+    def class_name(self, c: int) -> str:
+        return label_names("split" if self.vertebrae == "split" else "whole")[c]
 
 
 def _row_range_mask(truth: np.ndarray) -> np.ndarray:
@@ -61,7 +72,8 @@ def degenerated_disc_mask(phantom, truth: np.ndarray) -> np.ndarray:
 
 
 def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = None) -> list[EvalCase]:
-    """``lumbar:PATH`` (restricted to ``test_patients`` when given) and ``phantom:N:SEED`` sources."""
+    """``lumbar:PATH``, ``slabs:PATH``, ``spider:PATH``, ``nnunet:PATH`` (restricted to ``test_patients``
+    when given) and ``phantom:N:SEED`` sources."""
     from ..io.labels import to_classes
     from ..io.readers import read_pair
 
@@ -80,7 +92,16 @@ def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = Non
                     continue
                 cls = 3 if name.upper().startswith("IVD") else 2
                 truth = np.where(labels.canonical() > 0, cls, 0).astype(np.uint8)
-                out.append(EvalCase(name, name.split("_")[0], image, truth, (cls,), _row_range_mask(truth)))
+                out.append(EvalCase(name, name.split("_")[0], image, truth, (cls,), _row_range_mask(truth),
+                                    vertebrae="split" if cls == 2 else "whole"))
+        elif kind == "slabs":
+            for img in sorted(Path(rest).glob("*_image.nii.gz")):
+                name = img.name[: -len("_image.nii.gz")]
+                if test_patients is not None and name not in test_patients:
+                    continue
+                image, labels = read_pair(img, img.with_name(f"{name}_label.nii.gz"))
+                truth = to_classes(labels.canonical(), scheme="auto").astype(np.uint8)
+                out.append(EvalCase(name, "spider", image, truth, (1, 2, 3), None))
         elif kind == "phantom":
             from ..phantom import make_phantom
 
@@ -89,7 +110,7 @@ def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = Non
             for i in range(int(n)):
                 deg = int(rng.integers(0, 3))
                 ph = make_phantom(seed=int(rng.integers(1 << 30)), contrast="T2w" if i % 2 == 0 else "T1w",
-                                  degenerated=deg)
+                                  degenerated=deg, label_posterior_elements=True)
                 truth = ph.labels.canonical().astype(np.uint8)
                 out.append(EvalCase(f"phantom_{seed or 100}_{i}", "phantom", ph.image, truth, (1, 2, 3), None,
                                     degenerated_disc_mask(ph, truth)))
@@ -109,38 +130,56 @@ def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = Non
                 truth = to_classes(labels.canonical(), scheme="auto").astype(np.uint8)
                 out.append(EvalCase(name, kind, image, truth, (1, 2, 3), None))
         else:
-            raise ValueError(f"evaluate understands lumbar:, spider:, nnunet: and phantom: sources, not {spec!r}.")
+            raise ValueError(f"evaluate understands lumbar:, slabs:, spider:, nnunet: and phantom: sources, "
+                             f"not {spec!r}.")
     return out
 
 
 def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
-               class_uncertainty: np.ndarray | None = None) -> list[dict]:
-    """One row per labelled class: Dice in range and whole volume, HD95 in range, and the AUROC of the
-    uncertainty map (max over classes) for the misclassified voxels; with ``class_uncertainty``
-    (C, ...) also the AUROC of the labelled classes' own uncertainty (``uncertainty_auroc_class``)."""
+               class_uncertainty: np.ndarray | None = None, class_names: Sequence[str] | None = None,
+               band: int = BAND_VOXELS) -> list[dict]:
+    """One row per labelled class: Dice in range, whole volume and on the middle sagittal slice, HD95 in
+    range, and AUROCs of the uncertainty for the misclassified voxels.
+
+    ``labels`` are written labels in the case's scheme (``case.vertebrae``).  ``uncertainty_auroc``: the
+    map (max over classes) over the in-range voxels of the slices holding labelled structure.
+    ``band_auroc``: the same map within ``band`` voxels (in-plane) of the truth or the prediction of any
+    labelled class, which leaves out the far background a reviewer never looks at; the row's
+    ``band_auroc_class`` uses that class's own channels' uncertainty (``class_uncertainty`` (C, ...), with
+    the model's ``class_names``), its own errors and its own band."""
     spacing = case.image.orientation.canonical_spacing
     rows = []
     region = case.in_range if case.in_range is not None else np.ones(case.truth.shape, bool)
+    mid = case.truth.shape[0] // 2
     errors = np.zeros(case.truth.shape, bool)
+    fg = np.zeros(case.truth.shape, bool)
     for c in case.classes:
         p, t = labels == c, case.truth == c
         errors |= (p != t) & region
-        rows.append({
-            "case": case.name, "group": case.group, "class": CLASS_NAMES[c - 1],
+        fg |= p | t
+        row = {
+            "case": case.name, "group": case.group, "class": case.class_name(c),
             "dice": round(dice(p, t, region), 4), "dice_whole": round(dice(p, t), 4),
+            "dice_mid": round(dice(p[mid], t[mid], region[mid]), 4),
             "hd95_mm": round(hd95(p & region, t & region, spacing), 2),
-        })
+            "band_auroc_class": float("nan"),
+        }
+        if class_uncertainty is not None and class_names is not None:
+            ch = label_channels(c, class_names, case.vertebrae)
+            if ch:
+                own = np.max(class_uncertainty[ch], axis=0)
+                sel = band_mask(p, t, band) & region
+                row["band_auroc_class"] = round(auroc(own[sel], ((p != t) & region)[sel]), 4)
+        rows.append(row)
     # AUROC over the slices that contain labelled structure, in range (background far away is excluded)
     slices = case.truth.any(axis=(1, 2))
     sel = region & slices[:, None, None]
     au = auroc(uncertainty[sel], errors[sel])
-    au_cls = float("nan")
-    if class_uncertainty is not None:
-        own = np.max([class_uncertainty[c - 1] for c in case.classes], axis=0)
-        au_cls = auroc(own[sel], errors[sel])
+    in_band = band_mask(fg, fg, band) & region
+    au_band = auroc(uncertainty[in_band], errors[in_band])
     for r in rows:
         r["uncertainty_auroc"] = round(au, 4)
-        r["uncertainty_auroc_class"] = round(au_cls, 4)
+        r["band_auroc"] = round(au_band, 4)
         r["error_fraction"] = round(float(errors[sel].mean()), 5)
     return rows
 
@@ -173,13 +212,30 @@ def split_patients(splits: Path, fold: int, subset: str = "test") -> set[str]:
     return set(read_fold(splits, fold)[subset])
 
 
+#: The methods an evaluation can compare (``--methods``): the presegmentation alone, the diffusion output
+#: alone (the paper) and the default (their blend, ``baseline_weight``).
+METHODS = ("presegmentation", "diffusion", "default")
+
+
+def method_configs(config: SegmentationConfig, methods: Sequence[str] = METHODS) -> dict[str, SegmentationConfig]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown evaluation method {unknown[0]!r}; choose from {', '.join(METHODS)}.")
+    table = {"presegmentation": config.replace(prior="baseline", t_start=0),
+             "diffusion": config.replace(prior="baseline", baseline_weight=0.0),
+             "default": config.replace(prior="baseline")}
+    return {m: table[m] for m in methods}
+
+
 def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, splits: Path | None = None,
-             fold: int = 0, sweep: bool = False, subset: str = "test") -> Path:
+             fold: int = 0, sweep: bool = False, subset: str = "test",
+             methods: Sequence[str] = METHODS) -> Path:
     """Run the evaluation and write ``per_case.csv``, ``sweep.csv``, ``report.md`` and figures.
 
     With ``splits``, only the ``subset`` ("test", or "val" for choosing settings without touching the
     test patients) of ``fold`` is evaluated.
     """
+    from ..labelscheme import ChannelRoles
     from ..pipeline import load_models, run
 
     out_dir = Path(out_dir)
@@ -188,35 +244,40 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
     cases = load_eval_cases(sources, test)
     if not cases:
         raise ValueError("No evaluation cases were found in the given sources and split.")
-    methods = {"baseline": config.replace(prior="baseline", t_start=0),
-               "diffusion": config.replace(prior="baseline")}
-    rows, deg_rows, rel = [], [], {"p": [], "y": []}
+    configs = method_configs(config, methods)
+    models = load_models(configs[methods[-1]])
+    class_names = list(models.diffusion_config.class_names)
+    can_split = ChannelRoles.of(class_names).can_split
+    rows, deg_rows = [], []
+    rel: dict[str, dict[str, list]] = {}
     for case in cases:
-        for method, cfg in methods.items():
+        for method, cfg in configs.items():
             t0 = time.perf_counter()
-            res = run(case.image, cfg, stream_every=0)
+            res = run(case.image, cfg.replace(vertebrae="split" if can_split else "whole"), stream_every=0)
             seconds = time.perf_counter() - t0
-            for r in score_case(case, res.canonical_labels, res.canonical_uncertainty,
-                                res.canonical_class_uncertainty):
+            labels = res.canonical_labels if case.vertebrae == "split" else merge_vertebrae(res.canonical_labels)
+            for r in score_case(case, labels, res.canonical_uncertainty, res.canonical_class_uncertainty,
+                                class_names):
                 rows.append({"method": method, **r, "seconds": round(seconds, 2)})
-            deg_rows += _degenerated_rows(case, res.canonical_labels, method)
-            if method == "diffusion":
-                for c in case.classes:
-                    region = case.in_range if case.in_range is not None else slice(None)
-                    rel["p"].append(res.canonical_probabilities[c - 1][region].ravel()[::7])
-                    rel["y"].append((case.truth == c)[region].ravel()[::7])
-            print(f"{case.name:>14} {method:>9}: " + ", ".join(
+            deg_rows += _degenerated_rows(case, labels, method)
+            region = case.in_range if case.in_range is not None else slice(None)
+            for c in case.classes:
+                prob = label_probability(res.canonical_probabilities, class_names, c, case.vertebrae)
+                d = rel.setdefault(method, {}).setdefault(case.class_name(c), [[], []])
+                d[0].append(prob[region].ravel()[::7])
+                d[1].append((case.truth == c)[region].ravel()[::7])
+            print(f"{case.name:>20} {method:>15}: " + ", ".join(
                 f"{r['class']} {r['dice']:.3f}" for r in rows if r["case"] == case.name and r["method"] == method)
                 + f" ({seconds:.1f} s)")
     _write_csv(out_dir / "per_case.csv", rows)
     _write_csv(out_dir / "degenerated_discs.csv", deg_rows)
-    sweep_rows = _sweep(cases[: min(2, len(cases))], config, run) if sweep else []
+    sweep_rows = _sweep(cases[: min(2, len(cases))], config, run, can_split=can_split) if sweep else []
     _write_csv(out_dir / "sweep.csv", sweep_rows)
-    models = load_models(methods["diffusion"])
-    return _report(out_dir, rows, deg_rows, sweep_rows, rel, config, models)
+    return _report(out_dir, rows, deg_rows, sweep_rows, rel, config, models, list(configs))
 
 
-def _sweep(cases: Sequence[EvalCase], config: SegmentationConfig, run, n_slices: int = 3) -> list[dict]:
+def _sweep(cases: Sequence[EvalCase], config: SegmentationConfig, run, n_slices: int = 3,
+           can_split: bool = False) -> list[dict]:
     """The paper's Table 2 redone on the ``n_slices`` middle slices of each case: Dice and seconds per
     slice for several sampler settings (the reference setting costs minutes per slice on a CPU)."""
     from dataclasses import replace
@@ -235,13 +296,15 @@ def _sweep(cases: Sequence[EvalCase], config: SegmentationConfig, run, n_slices:
         for case in cases:
             mid = case.truth.shape[0] // 2
             sel = slice(mid - n_slices // 2, mid - n_slices // 2 + n_slices)
-            cfg = config.replace(**change, slices=f"{sel.start}:{sel.stop}", batch_slices=n_slices)
+            cfg = config.replace(**change, slices=f"{sel.start}:{sel.stop}", batch_slices=n_slices,
+                                 vertebrae="split" if can_split else "whole")
             t0 = time.perf_counter()
             res = run(case.image, cfg, stream_every=0)
             sec = time.perf_counter() - t0
             sub = replace(case, truth=case.truth[sel],
                           in_range=None if case.in_range is None else case.in_range[sel])
-            for r in score_case(sub, res.canonical_labels[sel], res.canonical_uncertainty[sel]):
+            labels = res.canonical_labels if case.vertebrae == "split" else merge_vertebrae(res.canonical_labels)
+            for r in score_case(sub, labels[sel], res.canonical_uncertainty[sel]):
                 keep = {k: r[k] for k in ("case", "class", "dice", "uncertainty_auroc")}
                 out.append({"setting": label, **keep, "seconds_per_slice": round(sec / n_slices, 2)})
             print(f"sweep {label}: {case.name} {sec / n_slices:.1f} s per slice")
@@ -266,7 +329,7 @@ def _mean_table(rows: list[dict], key: str = "dice") -> list[str]:
     return lines
 
 
-def _report(out_dir: Path, rows, deg_rows, sweep_rows, rel, config, models) -> Path:
+def _report(out_dir: Path, rows, deg_rows, sweep_rows, rel, config, models, methods) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,23 +337,37 @@ def _report(out_dir: Path, rows, deg_rows, sweep_rows, rel, config, models) -> P
 
     lines = ["# spinesegdiff evaluation", "",
              f"Checkpoint: `{models.diffusion_path}`; baseline: `{models.baseline_path}`.",
-             f"Settings: {json.dumps(config.to_dict())}", "", "## Dice in the labelled range (3-D)", ""]
-    lines += _mean_table(rows) + ["", "## Per case", "",
-                                  "| case | class | method | Dice | Dice whole | HD95 mm | AUROC | AUROC class | s |",
-                                  "|---|---|---|---|---|---|---|---|---|"]
+             f"Settings: {json.dumps(config.to_dict())}", "",
+             "Methods: `presegmentation` = the baseline alone; `diffusion` = the diffusion output alone "
+             "(baseline_weight 0, the paper); `default` = the shipped setting "
+             f"(baseline_weight {config.baseline_weight}).", "",
+             "## Dice in the labelled range (3-D)", ""]
+    lines += _mean_table(rows) + ["", "## Dice on the middle sagittal slice (2-D, as in the paper)", ""]
+    lines += _mean_table(rows, "dice_mid") + [
+        "", f"## Uncertainty: AUROC for misclassified voxels in a band of {BAND_VOXELS} voxels around truth "
+        "and prediction", "", "(the map's max over classes for all labelled classes; per class its own channels)",
+        ""]
+    lines += _mean_table(rows, "band_auroc_class") + ["", "| data | method | n | band AUROC | slice AUROC |",
+                                                       "|---|---|---|---|---|"]
+    for g in sorted({r["group"] for r in rows}):
+        for m in methods:
+            sel = {r["case"]: r for r in rows if r["group"] == g and r["method"] == m}
+            if sel:
+                lines.append(f"| {g} | {m} | {len(sel)} | "
+                             f"{np.nanmean([r['band_auroc'] for r in sel.values()]):.4f} | "
+                             f"{np.nanmean([r['uncertainty_auroc'] for r in sel.values()]):.4f} |")
+    lines += ["", "## Per case", "",
+              "| case | class | method | Dice | Dice whole | Dice mid | HD95 mm | AUROC | band AUROC | "
+              "band AUROC class | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['class']} | {r['method']} | {r['dice']:.4f} | {r['dice_whole']:.4f} | "
-                     f"{r['hd95_mm']} | {r['uncertainty_auroc']} | {r['uncertainty_auroc_class']} | {r['seconds']} |")
-    for m in ("baseline", "diffusion"):
-        au = [r["uncertainty_auroc"] for r in rows if r["method"] == m]
-        auc = [r["uncertainty_auroc_class"] for r in rows if r["method"] == m]
-        lines.append(f"\nMean AUROC for misclassified voxels, {m}: map {np.nanmean(au):.4f}, "
-                     f"labelled class's own map {np.nanmean(auc):.4f}" if au else "")
-    lines += ["", "(baseline: the uncertainty is -p log p of the presegmentation's own probabilities)", ""]
+                     f"{r['dice_mid']:.4f} | {r['hd95_mm']} | {r['uncertainty_auroc']} | {r['band_auroc']} | "
+                     f"{r['band_auroc_class']} | {r['seconds']} |")
+    lines += ["", "(presegmentation: the uncertainty is -p log p of the presegmentation's own probabilities)", ""]
     if deg_rows:
         lines += ["## Degenerated discs (phantoms)", "", "| method | degenerated | n | mean Dice |",
                   "|---|---|---|---|"]
-        for m in ("baseline", "diffusion"):
+        for m in methods:
             for d in (True, False):
                 v = [r["dice"] for r in deg_rows if r["method"] == m and r["degenerated"] == d]
                 if v:
@@ -303,20 +380,22 @@ def _report(out_dir: Path, rows, deg_rows, sweep_rows, rel, config, models) -> P
             lines.append(f"| {s} | {np.mean([r['dice'] for r in v]):.4f} | "
                          f"{np.mean([r['seconds_per_slice'] for r in v]):.2f} |")
         lines.append("")
-    if rel["p"]:
-        p, y = np.concatenate(rel["p"]), np.concatenate(rel["y"])
-        mp, fr, cnt = reliability(p, y)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ok = cnt > 0
+    method = "default" if "default" in rel else next(iter(rel), None)
+    if method is not None:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
         ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.plot(mp[ok], fr[ok], "o-")
+        for name, (ps, ys) in sorted(rel[method].items()):
+            mp, fr, cnt = reliability(np.concatenate(ps), np.concatenate(ys))
+            ok = cnt > 0
+            ax.plot(mp[ok], fr[ok], "o-", label=name)
         ax.set_xlabel("predicted probability")
         ax.set_ylabel("observed frequency")
-        ax.set_title("reliability (diffusion)")
+        ax.set_title(f"reliability per class ({method})")
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "reliability.png", dpi=100)
         plt.close(fig)
-        lines += ["![reliability](reliability.png)", ""]
+        lines += ["![reliability per class](reliability.png)", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
