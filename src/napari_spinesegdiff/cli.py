@@ -178,7 +178,7 @@ def _write_json(path: Path, data) -> None:
 # -------------------------------------------------------------------------------------------- train
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the diffusion model or the baseline presegmenter",
-                       description="Train on sagittal slices. Data sources: lumbar:PATH, spider:PATH, "
+                       description="Train on sagittal slices. Data sources: lumbar:PATH, slabs:PATH, spider:PATH, "
                                    "nnunet:PATH, phantom:N[:SEED] (repeat --data). Under torchrun it runs "
                                    "DistributedDataParallel.")
     p.add_argument("--kind", choices=["diffusion", "baseline"], default="diffusion")
@@ -241,7 +241,7 @@ def cmd_train(args) -> int:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="Dice / HD95 / uncertainty AUROC on held-out cases, with a report")
     p.add_argument("--data", action="append", required=True,
-                   help="lumbar:PATH | spider:PATH | nnunet:PATH | phantom:N:SEED")
+                   help="lumbar:PATH | slabs:PATH | spider:PATH | nnunet:PATH | phantom:N:SEED")
     p.add_argument("--splits", type=Path, help="folds JSON: evaluate only the test patients of --fold")
     p.add_argument("--subset", choices=["test", "val"], default="test",
                    help="with --splits: the fold's test patients (default) or its validation patients, "
@@ -254,6 +254,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--t-start", type=int, default=300)
     p.add_argument("--ensemble", type=int, default=5)
     _blend_and_smoothing_args(p)
+    p.add_argument("--methods", default="presegmentation,diffusion,default",
+                   help="comma-separated: presegmentation (baseline alone), diffusion (diffusion output alone), "
+                        "default (the blend); default all three")
     p.add_argument("--sweep", action="store_true", help="also sweep steps / t_start / ensemble (slow)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -274,8 +277,9 @@ def cmd_evaluate(args) -> int:
                                  steps=args.steps, t_start=args.t_start, ensemble=args.ensemble, seed=args.seed,
                                  device=args.device, baseline_weight=args.baseline_weight,
                                  smooth_mm=args.smooth_mm)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         report = evaluate(args.data, cfg, args.out, splits=args.splits, fold=args.fold, sweep=args.sweep,
-                          subset=args.subset)
+                          subset=args.subset, methods=methods)
     except ValueError as exc:
         return _fail(str(exc))
     print(f"wrote {report}")
