@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The exact commands that trained the shipped model (src/napari_spinesegdiff/weights/).
-# Data: ../shared/data/lumbar (real sagittal lumbar MRI, partial labels) + synthetic phantoms.
-# Fold 0 of runs/splits_lumbar.json is held out for testing and never used in training or selection.
+# Stages 1-3 (models v1-v3, three channels): ../shared/data/lumbar (real sagittal lumbar MRI, partial labels)
+# + synthetic phantoms; fold 0 of runs/splits_lumbar.json is held out and never used in training or selection.
+# Stage 4 (model v4, four channels: canal, vertebral body, disc, whole vertebra): the same plus the SPIDER
+# T2-SPACE slabs (../shared/data/spider_t2space, every structure labelled); folds in weights/splits_v4.json
+# (the lumbar folds unchanged + SPIDER folds; scripts/make_splits_v4.py); both networks start from v3, grown
+# to four channels, and run one after the other (the diffusion model's prior is the new presegmenter).
 # On 2 CPU cores both runs of a stage go side by side (one thread each); a GPU is used automatically.
 #
 # Stage 1 trains both networks from scratch.  Stage 2 fine-tunes them (new warm-up + cosine at 5e-4);
@@ -19,7 +23,7 @@ DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
 BASE_FT3_ITER=${BASE_FT3_ITER:-5000}
 DIFF_FT3_ITER=${DIFF_FT3_ITER:-3000}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
-STAGE=${STAGE:-all}  # 1, 2, 3 or all
+STAGE=${STAGE:-all}  # 1, 2, 3, 4 or all (1-3 = v3; 4 = v4 from the shipped v3 files)
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
         --preset small --batch-size 8 --crop 160 160 --val-every 500
         --threads "${THREADS:-1}" --no-progress $RESUME)
@@ -51,6 +55,29 @@ fi
 if [ "$STAGE" = 3 ] || [ "$STAGE" = all ]; then
     finetune _ft _ft3 "$BASE_FT3_ITER" 3e-4 2 "$DIFF_FT3_ITER" 2.5e-4 3 0.8
 fi
-cp runs/baseline_ft3/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
-cp runs/diffusion_ft3/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
-cp runs/splits_lumbar.json src/napari_spinesegdiff/weights/splits_lumbar.json
+if [ "$STAGE" = 1 ] || [ "$STAGE" = 2 ] || [ "$STAGE" = 3 ] || [ "$STAGE" = all ]; then
+    mkdir -p runs/v3
+    cp runs/baseline_ft3/best.safetensors runs/v3/baseline.safetensors
+    cp runs/diffusion_ft3/best.safetensors runs/v3/diffusion.safetensors
+    cp runs/splits_lumbar.json src/napari_spinesegdiff/weights/splits_lumbar.json
+fi
+if [ "$STAGE" = 4 ] || [ "$STAGE" = all ]; then
+    V3=${V3:-runs/v3}  # the v3 files (as shipped before v4: git show e0a7f45:src/napari_spinesegdiff/weights/...)
+    if [ ! -f "$V3/baseline.safetensors" ]; then
+        mkdir -p "$V3"
+        for f in baseline diffusion; do
+            git show "e0a7f45:src/napari_spinesegdiff/weights/$f.safetensors" > "$V3/$f.safetensors"
+        done
+    fi
+    .venv/bin/python scripts/make_splits_v4.py "$DATA" src/napari_spinesegdiff/weights/splits_v4.json
+    V4=(--data "lumbar:$DATA/lumbar" --data "slabs:$DATA/spider_t2space" --data phantom:40:1
+        --splits src/napari_spinesegdiff/weights/splits_v4.json --fold 0 --preset small --batch-size 8
+        --crop 160 160 --threads "${THREADS:-2}" --no-progress $RESUME)
+    .venv/bin/spinesegdiff train --kind baseline --iterations 2500 --lr 5e-4 --seed 4 --val-every 500 \
+        --init "$V3/baseline.safetensors" "${V4[@]}" --out runs/v4_baseline >> runs/v4_baseline.log 2>&1
+    .venv/bin/spinesegdiff train --kind diffusion --iterations 1800 --lr 3e-4 --seed 5 --val-every 300 \
+        --init "$V3/diffusion.safetensors" --prior runs/v4_baseline/best.safetensors --prior-share 0.8 \
+        "${V4[@]}" --out runs/v4_diffusion >> runs/v4_diffusion.log 2>&1
+    cp runs/v4_baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
+    cp runs/v4_diffusion/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
+fi
