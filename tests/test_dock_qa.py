@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from napari_spinesegdiff._qa import (
+from napari_spinesegdiff._dock.qa import (
     CLASS_RGB,
     MAX_UNCERTAINTY,
     classes_from_probabilities,
@@ -126,3 +126,13 @@ def test_streamed_steps_and_trajectory_slots():
     assert trajectory_frames(50, (10, 100, 100), 10 * 100 * 100 * 7 + 5) == 7
     assert trajectory_frames(3, (10, 100, 100), 10**9) == 3
     assert trajectory_frames(3, (10, 100, 100), 1) == 1
+
+
+def test_live_view_colours_are_the_labels_layer_colours():
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    from napari_spinesegdiff import CLASS_COLORS, CLASS_NAMES
+
+    assert set(CLASS_RGB) == set(CLASS_NAMES) == {1, 2, 3, 4}
+    for value, rgb in CLASS_RGB.items():
+        np.testing.assert_allclose(np.array(rgb) / 255, transform_color(CLASS_COLORS[value])[0][:3], atol=0.5 / 255)

@@ -1,4 +1,4 @@
-"""Uncertainty QA and live-stream helpers for the napari widget: plain numpy, no Qt, no torch.
+"""Uncertainty QA and live-stream helpers of the dock: plain numpy, no Qt, no torch.
 
 * :func:`structure_table` -- one row per connected component of the labels (class, level from superior to
   inferior, volume in mL, mean/max uncertainty, centre), most uncertain first.
@@ -20,8 +20,10 @@ import numpy as np
 #: Largest value of ``-p log p`` (at ``p = 1/e``): the top of the uncertainty colour scale.
 MAX_UNCERTAINTY = float(1.0 / math.e)
 
-#: RGB colours of the product classes (the same as the labels layers): canal, vertebrae, disc.
-CLASS_RGB: dict[int, tuple[int, int, int]] = {1: (255, 255, 0), 2: (77, 166, 255), 3: (255, 111, 97)}
+#: RGB colours of the written labels (the same as the labels layers, ``CLASS_COLORS``): canal, vertebra (or
+#: vertebral body), disc, posterior elements.
+CLASS_RGB: dict[int, tuple[int, int, int]] = {1: (255, 255, 0), 2: (77, 166, 255), 3: (255, 111, 97),
+                                              4: (95, 211, 141)}
 
 #: Cap on the rows shown in the structure table (noise components of a poor model must not flood it).
 MAX_STRUCTURE_ROWS = 300
@@ -31,7 +33,7 @@ MAX_STRUCTURE_ROWS = 300
 class Structure:
     """One connected component of one class."""
 
-    label: int  # class value (1 canal, 2 vertebrae, 3 disc)
+    label: int  # written label value (1 canal, 2 vertebra or vertebral body, 3 disc, 4 posterior elements)
     class_name: str
     level: int  # 1 = most superior component of its class
     voxels: int

@@ -1,0 +1,90 @@
+"""The dock widget that napari opens: the Segment and Review tabs over a status line, and the wiring between
+the panels, the run controller and the exporter through the one shared :class:`RunState`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
+
+from .export import Exporter
+from .layers import ResultLayers
+from .navigation import current_slice, go_to
+from .review import ReviewPanel
+from .run import RunController
+from .segment import SegmentPanel
+from .state import RunState
+from .worker import import_model_code
+
+if TYPE_CHECKING:
+    import napari
+
+SEGMENT_TAB, REVIEW_TAB = 0, 1
+
+
+class SpineSegDiffWidget(QWidget):
+    """Dock widget: segment the chosen scan, watch the denoising, review the uncertainty, export.
+
+    Parts: :attr:`state` (the shared run state), :attr:`segment` (Segment tab), :attr:`review` (Review
+    tab), :attr:`controller` (runs), :attr:`layers` (result layers), :attr:`exporter` (export, provenance).
+    """
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        import_model_code()
+        self.state = RunState(napari_viewer, self)
+        self.layers = ResultLayers(self.state)
+        self.controller = RunController(self.state, self.layers, self)
+        self.exporter = Exporter(self.state, self.layers, self)
+        self.segment = SegmentPanel(self.state)
+        self.review = ReviewPanel(self.state, self.layers)
+        #: Emitted on the GUI thread when a run ends: "done", "cancelled" or "failed".
+        self.run_finished = self.state.run_finished
+        #: Emitted when the QA tables have been refilled.
+        self.qa_updated = self.review.qa_updated
+
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.segment, "Segment")
+        self.tabs.addTab(self.review, "Review")
+        self.status = QLabel(self.state.message)
+        self.status.setWordWrap(True)
+        outer = QVBoxLayout(self)
+        outer.addWidget(self.tabs)
+        outer.addWidget(self.status)
+
+        self.segment.run_button.changed.connect(self.run)
+        self.segment.cancel_button.changed.connect(self.cancel)
+        self.review.export_requested.connect(lambda: self.export_results())
+        self.state.message_changed.connect(self.status.setText)
+        self.state.result_ready.connect(lambda: self.tabs.setCurrentIndex(REVIEW_TAB))
+
+    @property
+    def is_running(self) -> bool:
+        return self.state.is_running
+
+    def run(self, _value=None):
+        """Start a run of the Segment tab's settings; returns the worker (``None`` when refused)."""
+        if self.state.is_running:
+            return None
+        request = self.segment.request()
+        if request is None:
+            return None
+        return self.controller.start(request)
+
+    def cancel(self, _value=None) -> None:
+        """Stop the run at its next denoising step."""
+        self.controller.cancel()
+
+    def export_results(self, folder: str | Path | None = None) -> list[Path]:
+        return self.exporter.export_results(folder)
+
+    def provenance(self, labels_path: Path | None = None, uncertainty_path: Path | None = None) -> dict[str, Any]:
+        return self.exporter.provenance(labels_path, uncertainty_path)
+
+    def current_slice(self, image) -> int:
+        return current_slice(self.viewer, image)
+
+    def go_to(self, image, position, center: bool = True) -> None:
+        go_to(self.viewer, image, position, center)

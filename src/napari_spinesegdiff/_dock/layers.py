@@ -1,0 +1,219 @@
+"""The dock's layers in the viewer: their names, putting a layer (update in place or add), merging a re-run
+into the slices of the earlier results, placement on the image's scale and translate, the live
+``denoising`` canvas and the ``denoising trajectory``.
+
+Results: ``spine labels`` (fixed label colours, ``CLASS_COLORS``; label names from the label scheme),
+``uncertainty`` (inferno, 0..1/e) and one hidden ``P(<channel>)`` layer per model channel, all with the
+image's scale and translate.  A re-run on the same image with the same label scheme replaces the slices it
+segmented (the other slices and their edits stay); any other run replaces the layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .. import CLASS_COLORS
+from ..io.volume import Volume
+from ..labelscheme import ChannelRoles, label_names
+from .qa import MAX_UNCERTAINTY, streamed_steps, trajectory_frames
+from .state import ActiveRun, RunState
+
+if TYPE_CHECKING:
+    from napari.layers import Image
+
+#: Memory the denoising trajectory may take (uint8 class maps of the whole canonical volume per frame).
+TRAJECTORY_BUDGET_BYTES = 256 * 2**20
+
+LABELS_NAME = "spine labels"
+UNCERTAINTY_NAME = "uncertainty"
+DENOISING_NAME = "denoising"
+TRAJECTORY_NAME = "denoising trajectory"
+OVERLAY_NAME = "uncertain boundary"
+OUTPUT_KEY = "spinesegdiff_output"  # metadata flag of the layers the dock makes
+
+LABEL_COLORS = CLASS_COLORS
+
+
+def layer_volume(layer: Image) -> Volume:
+    """The pipeline input for an image layer holding a canonical array (reader/sample layers carry
+    ``canonical_affine``; any other layer is placed from its scale and translate)."""
+    data = np.asarray(layer.data)
+    meta = layer.metadata or {}
+    source = Path(meta["source"]) if meta.get("source") else None
+    if meta.get("canonical_affine") is not None:
+        return Volume(data, np.asarray(meta["canonical_affine"], dtype=float), kind="image", source=source)
+    vol = Volume.from_canonical(data, _spacing(layer), _origin(layer), kind="image")
+    return Volume(vol.data, vol.affine, kind="image", source=source)
+
+
+def _spacing(layer) -> tuple[float, float, float]:
+    return tuple(abs(float(s)) or 1.0 for s in list(layer.scale)[-3:])  # type: ignore[return-value]
+
+
+def _origin(layer) -> tuple[float, float, float]:
+    t = [float(v) for v in list(layer.translate)[-3:]]
+    return (t[0], -t[2], -t[1])  # napari shows world (x, -z, -y): see io.napari_geometry
+
+
+def geometry_of(layer) -> dict[str, tuple]:
+    return {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
+
+
+def written_label_names(class_names, vertebrae: str = "whole") -> dict[int, str]:
+    """Names of a result's written labels: the label scheme's for a model whose channels it knows (label 2
+    "vertebral body" and 4 "posterior elements" when vertebrae are split), else channel k as label k + 1."""
+    if ChannelRoles.of(class_names).known:
+        return label_names(vertebrae)  # type: ignore[arg-type]
+    return {i + 1: str(n) for i, n in enumerate(class_names)}
+
+
+class ResultLayers:
+    """Puts, merges and removes the dock's layers; records what they hold in the shared :class:`RunState`."""
+
+    def __init__(self, state: RunState):
+        self.state = state
+
+    @property
+    def viewer(self):
+        return self.state.viewer
+
+    def find(self, name: str):
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def remove(self, name: str) -> None:
+        layer = self.find(name)
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+
+    def put(self, name: str, data: np.ndarray, kind: str, geometry: dict, **kwargs):
+        """Update the layer called ``name`` (same kind) or add it; returns the layer."""
+        from napari.layers import Labels
+
+        layer = self.find(name)
+        if layer is not None and (isinstance(layer, Labels) != (kind == "labels") or layer.ndim != data.ndim
+                                  or getattr(layer, "rgb", False)):
+            self.viewer.layers.remove(layer)
+            layer = None
+        if layer is None:
+            add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
+            return add(data, name=name, **geometry, **kwargs)
+        kwargs.pop("visible", None)  # an existing layer keeps the visibility the user gave it
+        layer.data = data
+        layer.scale, layer.translate = geometry["scale"], geometry["translate"]
+        for key in ("contrast_limits", "metadata", "features", "colormap"):
+            if key in kwargs:
+                setattr(layer, key, kwargs[key])
+        return layer
+
+    def merged(self, name: str, new: np.ndarray, idx: list[int], same: bool) -> tuple[np.ndarray, bool]:
+        """``new`` with the other slices of the existing layer ``name`` kept when it shows the same image."""
+        layer = self.find(name)
+        if not same or layer is None or tuple(layer.data.shape) != tuple(new.shape):
+            return new, False
+        data = np.array(layer.data, copy=True)
+        data[idx] = new[idx]
+        return data, True
+
+    def result_stages(self, run: ActiveRun, res) -> list[Callable[[], Any]]:
+        """Merge ``res`` into the result layers: the bookkeeping now, then one callable per layer to put
+        (adding a napari layer takes ~0.1 s, so the caller runs them one event-loop turn each)."""
+        image = run.image
+        idx = list(res.slices)
+        names = written_label_names(res.class_names, run.config.vertebrae)
+        same = self.state.result_image is image and self.state.label_names == names
+        labels, kept_l = self.merged(LABELS_NAME, res.canonical_labels, idx, same)
+        unc, kept_u = self.merged(UNCERTAINTY_NAME, res.canonical_uncertainty, idx, same)
+        keep = kept_l and kept_u
+        if not keep:
+            labels, unc = res.canonical_labels, res.canonical_uncertainty
+        self.state.adopt(image, res, names, merged=keep)
+        geometry = geometry_of(image)
+        meta = {**(image.metadata or {}), OUTPUT_KEY: True, "source_image": image.name,
+                "provenance": res.provenance}
+        stages: list[Callable[[], Any]] = []
+        for c, channel in enumerate(res.class_names):
+            prob, _ = self.merged(f"P({channel})", res.canonical_probabilities[c], idx, keep)
+            stages.append(lambda n=f"P({channel})", d=prob: self.put(
+                n, d, "image", geometry, colormap="gray", contrast_limits=(0.0, 1.0), blending="additive",
+                metadata=meta, visible=False))
+        stages += [
+            lambda: self.put(UNCERTAINTY_NAME, unc, "image", geometry, colormap="inferno",
+                             contrast_limits=(0.0, MAX_UNCERTAINTY), blending="additive", opacity=0.6, metadata=meta),
+            lambda: self.put_labels(labels, names, geometry, meta),
+            lambda: self.finish_trajectory(run),
+        ]
+        return stages
+
+    def put_labels(self, labels: np.ndarray, names: dict[int, str], geometry: dict, meta: dict) -> None:
+        import pandas as pd
+
+        features = pd.DataFrame({"index": [0, *names], "class": ["background", *names.values()]})
+        existed = self.find(LABELS_NAME)
+        layer = self.put(LABELS_NAME, labels, "labels", geometry, colormap=dict(LABEL_COLORS),
+                         features=features, metadata=meta, opacity=0.5)
+        if existed is None or existed is not layer:
+            layer.events.paint.connect(self.state.count_edit)
+        self.state.labels_reset(labels)
+
+    def show_result(self) -> None:
+        """After the result layers are put: hide the live canvas, select the labels."""
+        den = self.find(DENOISING_NAME)
+        if den is not None:
+            den.visible = False
+        labels = self.find(LABELS_NAME)
+        if labels is not None:
+            self.viewer.layers.selection.active = labels
+
+    # --------------------------------------------------------------------------------- live denoising
+
+    def prepare_denoising(self, run: ActiveRun) -> None:
+        """The live ``denoising`` layer: an RGB canvas of the scan's canonical shape, cleared."""
+        image = run.image
+        data = np.zeros((*image.data.shape, 3), np.uint8)
+        layer = self.find(DENOISING_NAME)
+        if layer is not None and (not getattr(layer, "rgb", False) or layer.data.shape != data.shape):
+            self.viewer.layers.remove(layer)
+            layer = None
+        if layer is None:
+            layer = self.viewer.add_image(data, name=DENOISING_NAME, rgb=True, blending="additive",
+                                          metadata={OUTPUT_KEY: True}, **geometry_of(image))
+        else:
+            layer.data = data
+            layer.scale, layer.translate = tuple(image.scale), tuple(image.translate)
+            layer.visible = True
+        run.denoise_layer = layer
+
+    def prepare_trajectory(self, run: ActiveRun) -> None:
+        """The (hidden) ``denoising trajectory`` layer, sized for the requested steps within the memory budget."""
+        shape = run.image.data.shape
+        n = trajectory_frames(len(streamed_steps(run.config.steps, run.stream_every)), shape,
+                              TRAJECTORY_BUDGET_BYTES)
+        run.trajectory = np.zeros((n, *shape), np.uint8)
+        geo = {"scale": (1.0, *run.image.scale), "translate": (0.0, *run.image.translate)}
+        self.put(TRAJECTORY_NAME, run.trajectory, "labels", geo, colormap=dict(LABEL_COLORS),
+                 metadata={OUTPUT_KEY: True, "axes": ["step", "slice", "row", "column"]}, visible=False)
+
+    def finish_trajectory(self, run: ActiveRun) -> None:
+        """Trim the trajectory to the frames used, show the final estimate's frame, label the step axis."""
+        layer = self.find(TRAJECTORY_NAME)
+        if run.trajectory is None or layer is None:
+            return
+        used = max(1, run.frames_used)
+        if used < run.trajectory.shape[0]:
+            run.trajectory = run.trajectory[:used]
+            layer.data = run.trajectory
+        else:
+            layer.refresh()
+        dims = self.viewer.dims
+        if dims.ndim == 4 and max(lay.ndim for lay in self.viewer.layers) == 4:
+            dims.set_current_step(0, used - 1)  # scrub back from the final estimate
+            if dims.axis_labels[0] in ("0", "-4"):
+                dims.axis_labels = ("denoising step", *dims.axis_labels[1:])
+
+    def discard_partial(self) -> None:
+        """Remove the live estimates of a run that did not finish (they are not results)."""
+        self.remove(DENOISING_NAME)
+        self.remove(TRAJECTORY_NAME)

@@ -1,0 +1,181 @@
+"""The run controller: the pipeline in a napari thread worker, the streamed denoising steps, cancel, and the
+scheduler that puts the result layers one per turn of the Qt event loop.
+
+Only the GUI thread touches layers.  Every streamed step writes the current x0 estimate of the slices being
+denoised into the ``denoising`` layer (class colours weighted by probability, additive over the scan) and
+into the ``denoising trajectory`` labels layer (step, slice, row, column; uint8 classes; at most
+``TRAJECTORY_BUDGET_BYTES``), so the history can be scrubbed after the run.  The worker converts each step
+to uint8 before handing it over, so the GUI work per update is one slice assignment and a refresh.
+Cancel stops at the next denoising step: no result layer is added or changed, and the partial
+``denoising`` layer is removed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable
+
+from qtpy.QtCore import QObject, QTimer
+
+from .layers import ResultLayers
+from .navigation import jump_into_run
+from .qa import frame_slot, streamed_steps
+from .state import CANCELLING, ActiveRun, RunRequest, RunState
+from .worker import StreamFrame, segment_in_thread
+
+
+class StageScheduler(QObject):
+    """Runs callables one per turn of the Qt event loop, in order (adding a napari layer takes ~0.1 s;
+    adding them all in one turn would stall the GUI)."""
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self._pending: deque[Callable[[], object]] = deque()
+        self._timer = QTimer(self)
+        self._timer.setInterval(10)  # > 0 so that other timers and input get a turn between stages
+        self._timer.timeout.connect(self._run_next)
+
+    def schedule(self, *stages: Callable[[], object]) -> None:
+        self._pending.extend(stages)
+        if not self._timer.isActive():
+            self._timer.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _run_next(self) -> None:
+        if self._pending:
+            self._pending.popleft()()
+        if not self._pending:
+            self._timer.stop()
+
+
+class RunController(QObject):
+    """Starts, streams, cancels and ends runs; records everything in the shared :class:`RunState`."""
+
+    def __init__(self, state: RunState, layers: ResultLayers, parent: QObject | None = None):
+        super().__init__(parent)
+        self.state = state
+        self.layers = layers
+        self.scheduler = StageScheduler(self)
+        self.worker = None
+        self._pbar = None
+
+    def start(self, request: RunRequest):
+        """Start a run in a thread worker; returns the worker (``None`` while another run is going)."""
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None:
+            return None
+        run = ActiveRun(request.image, request.config, request.stream_every)
+        self.state.begin(run)
+        jump_into_run(self.state.viewer, run.image, run.config.slices)
+        self.state.say("Loading the model ...")
+        worker = create_worker(segment_in_thread, request.volume, request.config, request.prior, run.stream_every,
+                               run, _start_thread=False, _ignore_errors=True)  # errors: _on_error
+        worker.yielded.connect(self._on_event)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        if run.stream_every > 0:  # one layer per event-loop turn, before the worker competes for the CPU
+            self.scheduler.schedule(lambda: self.layers.prepare_denoising(run),
+                                    lambda: self.layers.prepare_trajectory(run))
+        self.scheduler.schedule(worker.start)
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the running worker to stop at its next step."""
+        run = self.state.run
+        if self.worker is None or run is None:
+            return
+        run.cancelled = True
+        run.done_at_cancel = run.steps_done
+        self.state.set_status(CANCELLING)
+        self.state.say("Cancelling at the next step ...")
+        self.worker.quit()
+
+    # ---------------------------------------------------------------------------------- worker events
+
+    def _on_event(self, ev) -> None:
+        if isinstance(ev, StreamFrame):
+            t0 = time.perf_counter()
+            self._show_frame(ev)
+            self.state.max_update_ms = max(self.state.max_update_ms, 1000 * (time.perf_counter() - t0))
+            return
+        from napari.utils import progress
+
+        if self.worker is None:  # a late event of a finished run
+            return
+        pbar = self._pbar
+        if pbar is None:
+            pbar = self._pbar = progress(total=ev.total, desc="SpineSegDiff")
+            self.state.say(ev.message)
+        # napari's progress widgets may process Qt events here: keep the local reference
+        pbar.total = ev.total
+        pbar.set_description(f"SpineSegDiff: {ev.message}")
+        pbar.update(ev.done - pbar.n)
+        if ev.done and self.state.run is not None:
+            self.state.say(f"{ev.message} ({time.perf_counter() - self.state.run.started:.1f} s)")
+
+    def _show_frame(self, fr: StreamFrame) -> None:
+        run = self.state.run
+        if run is None or run.cancelled:
+            return
+        self.state.stream_updates += 1
+        idx = list(fr.slices)
+        layer = run.denoise_layer
+        if layer is not None and layer in self.state.viewer.layers:
+            layer.data[idx] = fr.rgb
+            layer.refresh()
+        if run.trajectory is not None:
+            n_streamed = len(streamed_steps(fr.total_steps, run.stream_every))
+            i = run.batch_counts.get(fr.batch, 0)
+            run.batch_counts[fr.batch] = i + 1
+            slot = frame_slot(i, n_streamed, run.trajectory.shape[0])
+            run.trajectory[slot][idx] = fr.classes
+            run.frames_used = max(run.frames_used, slot + 1)  # frames in use
+
+    def _on_returned(self, result) -> None:
+        run = self.state.run
+        if run is None or run.cancelled:
+            return
+        run.completed = True
+        self.scheduler.schedule(*self.layers.result_stages(run, result), self.state.result_changed.emit,
+                                lambda: self._result_shown(run, result))
+
+    def _result_shown(self, run: ActiveRun, res) -> None:
+        self.layers.show_result()
+        secs = time.perf_counter() - run.started
+        self.state.say(f"Done in {secs:.1f} s: {len(res.slices)} slices, {self.state.stream_updates} streamed "
+                       f"steps on {res.provenance.get('device', '?')}.")
+        self.state.result_ready.emit()
+
+    def _on_error(self, exc: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        msg = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        if self.state.run is not None:
+            self.state.run.error = msg
+        self.state.say(f"Failed: {msg}")
+        show_error(msg)
+
+    def _on_finished(self) -> None:
+        run = self.state.run
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        if run is not None and not run.completed:
+            if run.pipeline_gen is not None:
+                run.pipeline_gen.close()  # the worker is done with it: stop the sampler now
+            self.layers.discard_partial()  # partial estimates, not results
+            if run.error is None:
+                self.state.say(f"Cancelled after {run.steps_done} of {run.total} steps; no result was kept.")
+        outcome = run.outcome if run is not None else "cancelled"
+        self.scheduler.schedule(lambda: self._end_run(outcome))  # after the result stages
+
+    def _end_run(self, outcome: str) -> None:
+        self.worker = None
+        self.state.finish(outcome)

@@ -1,0 +1,141 @@
+"""The one run state that the dock's panels share.
+
+:class:`RunState` holds the image being segmented, the run's configuration, the result behind the result
+layers and the run status, and announces every change with a Qt signal.  Panels read it and connect to
+its signals; none of them reaches into another panel's widgets.  :class:`ActiveRun` is what one run shares
+between the GUI thread and its worker thread; :class:`RunRequest` is what the Segment panel asks to run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QObject, Signal
+
+from ..config import SegmentationConfig
+from ..io.volume import Volume
+
+#: Run status values of :attr:`RunState.status`.
+IDLE, RUNNING, CANCELLING = "idle", "running", "cancelling"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A checked request to segment (from the Segment panel): the image layer, its pipeline input, the
+    configuration, the labels prior (or ``None``) and how often to stream."""
+
+    image: Any
+    volume: Volume
+    config: SegmentationConfig
+    prior: np.ndarray | None
+    stream_every: int
+
+
+@dataclass
+class ActiveRun:
+    """What one run shares between the GUI thread and its worker."""
+
+    image: Any
+    config: SegmentationConfig
+    stream_every: int
+    started: float = field(default_factory=time.perf_counter)
+    steps_done: int = 0  # written by the worker
+    total: int = 0
+    pipeline_gen: Any = None
+    cancelled: bool = False
+    done_at_cancel: int | None = None
+    completed: bool = False
+    error: str | None = None
+    denoise_layer: Any = None
+    trajectory: np.ndarray | None = None
+    frames_used: int = 0
+    batch_counts: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def outcome(self) -> str:
+        """How the run ended: "done", "failed" or "cancelled"."""
+        return "done" if self.completed else ("failed" if self.error else "cancelled")
+
+
+class RunState(QObject):
+    """The dock's shared state: current run, last result, what the result layers hold, run status."""
+
+    #: The run status changed (:data:`IDLE`, :data:`RUNNING` or :data:`CANCELLING`).
+    status_changed = Signal(str)
+    #: The status line's text changed.
+    message_changed = Signal(str)
+    #: A run ended, on the GUI thread: "done", "cancelled" or "failed".
+    run_finished = Signal(str)
+    #: The result layers now hold a new (or merged) result: redraw what derives from them (the overlay).
+    result_changed = Signal()
+    #: A run's result is fully shown: time to review it (tables, the Review tab).
+    result_ready = Signal()
+
+    def __init__(self, viewer, parent: QObject | None = None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.status = IDLE
+        self.message = "Ready."
+        self.image = None  # image layer of the current (or last) run
+        self.config: SegmentationConfig | None = None  # configuration of the current (or last) run
+        self.run: ActiveRun | None = None  # the current (or last) run
+        self.result = None  # the last SegmentationResult shown
+        self.result_image = None  # image layer the result layers belong to
+        self.label_names: dict[int, str] = {}  # written label -> name, of the result layers
+        self.segmented: set[int] = set()  # canonical slices the result layers hold results for
+        self.runs: list[dict[str, Any]] = []  # provenance of each run behind the result layers
+        self.original_labels: np.ndarray | None = None  # the labels as the last run left them
+        self.paint_events = 0  # edits of the labels layer since then
+        self.stream_updates = 0  # streamed steps shown in the last run
+        self.max_update_ms = 0.0  # longest GUI-thread handling of one streamed step in the last run
+
+    @property
+    def is_running(self) -> bool:
+        return self.status != IDLE
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+        self.status_changed.emit(status)
+
+    def say(self, text: str) -> None:
+        """Show ``text`` on the status line."""
+        self.message = text
+        self.message_changed.emit(text)
+
+    def refuse(self, text: str) -> None:
+        """Show a refusal (one sentence) on the status line and as a napari error notification."""
+        from napari.utils.notifications import show_error
+
+        self.say(text)
+        show_error(text)
+
+    def begin(self, run: ActiveRun) -> None:
+        """A run starts."""
+        self.run, self.image, self.config = run, run.image, run.config
+        self.stream_updates = 0
+        self.max_update_ms = 0.0
+        self.set_status(RUNNING)
+
+    def finish(self, outcome: str) -> None:
+        """The run has ended and its result (if any) is shown."""
+        self.set_status(IDLE)
+        self.run_finished.emit(outcome)
+
+    def adopt(self, image, result, label_names: dict[int, str], merged: bool) -> None:
+        """The result layers now hold ``result`` of ``image`` (merged into the earlier runs' slices, or not)."""
+        if not merged:
+            self.segmented, self.runs = set(), []
+        self.result, self.result_image, self.label_names = result, image, dict(label_names)
+        self.segmented |= {int(i) for i in result.slices}
+        self.runs.append(result.provenance)
+
+    def labels_reset(self, labels: np.ndarray) -> None:
+        """The labels layer was (re)written by a run: edits are counted from here."""
+        self.original_labels = np.array(labels, copy=True)
+        self.paint_events = 0
+
+    def count_edit(self, _event=None) -> None:
+        self.paint_events += 1

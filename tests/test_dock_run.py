@@ -1,0 +1,183 @@
+"""The dock's run controller and result layers in a real napari viewer (pytest-qt, Xvfb): a run's layers on
+the image grid, streaming, re-runs that merge, cancel, responsiveness, a failing device, the labels layer's
+names and colours."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from _dock_helpers import (  # noqa: F401 - fixtures
+    DICE_FLOOR,
+    IMAGE,
+    TRUTH,
+    configure,
+    dock,
+    isolated,
+    mean_dice,
+    phantom_viewer,
+    run,
+    torch,
+)
+
+from napari.utils.colormaps.standardize_color import transform_color
+
+from napari_spinesegdiff import CLASS_COLORS
+from napari_spinesegdiff._dock.layers import (
+    DENOISING_NAME,
+    LABELS_NAME,
+    TRAJECTORY_NAME,
+    UNCERTAINTY_NAME,
+    written_label_names,
+)
+from napari_spinesegdiff.labelscheme import CHANNELS, CHANNELS_V3
+
+
+def test_run_makes_layers_on_the_image_grid_and_streams_each_requested_step(qtbot, phantom_viewer):
+    viewer, w = phantom_viewer()
+    configure(w, steps=4, every=2, slices="5:8", batch=2)  # 2 batches x (steps 2 and 4) = 4 updates
+    assert run(qtbot, w) == "done"
+    image = viewer.layers[IMAGE]
+    names = [layer.name for layer in viewer.layers]
+    probs = [n for n in names if n.startswith("P(")]
+    assert probs == ["P(spinal canal)", "P(vertebrae)", "P(intervertebral disc)"]
+    for name in [LABELS_NAME, UNCERTAINTY_NAME, *probs]:
+        layer = viewer.layers[name]
+        assert layer.data.shape == image.data.shape
+        np.testing.assert_allclose(layer.scale, image.scale)
+        np.testing.assert_allclose(layer.translate, image.translate)
+    assert not any(viewer.layers[n].visible for n in probs)
+    assert w.state.stream_updates == 4
+    labels = viewer.layers[LABELS_NAME]
+    assert labels.data.dtype == np.uint8 and set(np.unique(labels.data)) <= {0, 1, 2, 3}
+    outside = np.ones(image.data.shape[0], bool)
+    outside[5:8] = False
+    assert not labels.data[outside].any(), "slices outside the run must stay empty"
+    # written labels are named by the label scheme (vertebrae "whole": label 2 is the whole vertebra)
+    assert list(labels.features["class"]) == ["background", "spinal canal", "vertebra", "intervertebral disc"]
+    unc = viewer.layers[UNCERTAINTY_NAME]
+    assert unc.colormap.name == "inferno" and unc.contrast_limits[1] == pytest.approx(1 / np.e)
+    assert 0.0 <= float(unc.data.min()) and float(unc.data.max()) <= 1 / np.e + 1e-5
+    traj = viewer.layers[TRAJECTORY_NAME]
+    assert traj.data.shape == (2, *image.data.shape)  # one frame per streamed step of a batch
+    assert traj.data[:, 5:8].any() and not traj.data[:, outside].any()
+    np.testing.assert_allclose(traj.scale[1:], image.scale)
+    assert not viewer.layers[DENOISING_NAME].visible
+    score = mean_dice(labels.data, viewer.layers[TRUTH].data, slice(5, 8))
+    print(f"\nwidget run: mean foreground Dice on slices 5-7 = {score:.3f} (floor {DICE_FLOOR})")
+    assert score >= DICE_FLOOR
+
+    # a re-run on other slices updates the same layers and keeps the slices already segmented
+    before = labels.data.copy()
+    n_layers = len(viewer.layers)
+    configure(w, steps=2, every=1, slices="9", batch=2)
+    assert run(qtbot, w) == "done"
+    assert len(viewer.layers) == n_layers and viewer.layers[LABELS_NAME] is labels
+    np.testing.assert_array_equal(labels.data[5:8], before[5:8])
+    assert sorted(w.state.segmented) == [5, 6, 7, 9]
+    assert w.state.stream_updates == 2
+    assert [r["slices"] for r in w.provenance()["runs"]] == [[5, 8], [9, 10]]
+
+
+def test_cancel_stops_within_one_step_and_leaves_no_partial_result(qtbot, phantom_viewer):
+    viewer, w = phantom_viewer()
+    s = w.segment
+    configure(w, steps=60, every=1, slices="4:9", batch=5)
+    with qtbot.waitSignal(w.run_finished, timeout=120_000) as blocker:
+        w.run()
+        assert not s.steps.enabled and not s.run_button.enabled and s.cancel_button.enabled
+        qtbot.waitUntil(lambda: w.state.stream_updates >= 3, timeout=60_000)
+        s.cancel_button.native.click()
+        state = w.state.run
+    assert blocker.args[0] == "cancelled"
+    print(f"\ncancel requested after step {state.done_at_cancel}; worker stopped at step {state.steps_done} "
+          f"of {state.total}")
+    assert state.steps_done <= state.done_at_cancel + 1 < state.total
+    names = [layer.name for layer in viewer.layers]
+    assert LABELS_NAME not in names and UNCERTAINTY_NAME not in names and DENOISING_NAME not in names
+    assert not any(n.startswith("P(") for n in names) and TRAJECTORY_NAME not in names
+    assert s.steps.enabled and s.run_button.enabled and not s.cancel_button.enabled
+    assert "Cancelled" in w.status.text()
+    configure(w, steps=2, slices="6")
+    assert run(qtbot, w) == "done"
+    assert viewer.layers[LABELS_NAME].data.shape == viewer.layers[IMAGE].data.shape
+
+
+def test_gui_stays_responsive_during_a_run(qtbot, phantom_viewer):
+    from qtpy.QtCore import QTimer
+
+    viewer, w = phantom_viewer()
+    configure(w, steps=6, every=1, slices="0:13", batch=4)
+    gaps, last = [0.0], [None]
+
+    def tick():
+        now = time.perf_counter()
+        if last[0] is not None:
+            gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(tick)
+    timer.start()
+    try:
+        assert run(qtbot, w) == "done"
+    finally:
+        timer.stop()
+    worst = 1000 * max(gaps)
+    print(f"\nlargest event-loop gap during a 13-slice run: {worst:.0f} ms over {len(gaps)} ticks; "
+          f"longest streamed-step update on the GUI thread: {w.state.max_update_ms:.1f} ms")
+    assert len(gaps) > 20
+    assert worst < 250
+    assert w.state.stream_updates == 4 * 6  # 4 batches of up to 4 slices, every step
+
+
+def test_unavailable_device_fails_with_the_core_sentence(qtbot, phantom_viewer):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so asking for it does not fail")
+    viewer, w = phantom_viewer()
+    configure(w, steps=2, slices="6")
+    w.segment.device.value = "cuda"
+    with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:
+        w.run()
+    assert blocker.args[0] == "failed"
+    assert "Device 'cuda' was requested" in w.status.text()
+    assert LABELS_NAME not in viewer.layers and DENOISING_NAME not in viewer.layers
+    assert w.segment.run_button.enabled and not w.is_running
+
+
+def test_written_label_names_follow_the_label_scheme():
+    assert written_label_names(CHANNELS_V3, "whole") == {1: "spinal canal", 2: "vertebra", 3: "intervertebral disc"}
+    assert written_label_names(CHANNELS, "whole") == {1: "spinal canal", 2: "vertebra", 3: "intervertebral disc"}
+    assert written_label_names(CHANNELS, "split") == {1: "spinal canal", 2: "vertebral body",
+                                                      3: "intervertebral disc", 4: "posterior elements"}
+    assert written_label_names(["a", "b"], "whole") == {1: "a", 2: "b"}  # channels the scheme does not know
+
+
+def test_split_labels_layer_names_label_2_vertebral_body_and_colours_label_4(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("spinesegdiff", "phantom_t2w")
+    w = dock(viewer)
+    image = viewer.layers[IMAGE]
+    labels = np.zeros(image.data.shape, np.uint8)
+    labels[5, 10:20, 10:20], labels[5, 30:40, 10:20] = 2, 4
+    geometry = {"scale": tuple(image.scale), "translate": tuple(image.translate)}
+    w.layers.put_labels(labels, written_label_names(CHANNELS, "split"), geometry, {})
+    layer = viewer.layers[LABELS_NAME]
+    assert list(layer.features["class"]) == ["background", "spinal canal", "vertebral body",
+                                             "intervertebral disc", "posterior elements"]
+    for value in (1, 2, 3, 4):
+        np.testing.assert_allclose(layer.get_color(value), transform_color(CLASS_COLORS[value])[0], atol=1e-6)
+
+
+def test_live_view_shows_canal_whole_vertebra_and_disc_of_a_four_channel_model():
+    from napari_spinesegdiff._dock.worker import structure_view
+
+    p = np.random.default_rng(0).random((2, 4, 3, 5)).astype(np.float32)  # (slices, channels, rows, cols)
+    view = structure_view(p, CHANNELS)
+    assert view.shape == (2, 3, 3, 5)
+    np.testing.assert_array_equal(view[:, 0], p[:, 0])  # canal
+    np.testing.assert_array_equal(view[:, 1], np.maximum(p[:, 1], p[:, 3]))  # body or whole vertebra
+    np.testing.assert_array_equal(view[:, 2], p[:, 2])  # disc
+    np.testing.assert_array_equal(structure_view(p[:, :3], CHANNELS_V3), p[:, :3])  # v3: as it is
