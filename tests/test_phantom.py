@@ -215,3 +215,14 @@ def test_dataset_varies_and_is_deterministic():
     for p, q in zip(a, b):
         np.testing.assert_array_equal(p.image.data, q.image.data)
     assert not np.array_equal(a[0].labels.data, a[2].labels.data)
+
+
+def test_truth_in_the_written_scheme_whole_and_split():
+    from napari_spinesegdiff.labelscheme import merge_vertebrae
+
+    ph = make_phantom(seed=5)
+    whole, split = ph.truth("whole").data, ph.truth("split").data
+    post = ph.posterior_elements.data > 0
+    assert post.any() and (whole[post] == 2).all() and (split[post] == 4).all()
+    assert np.array_equal(merge_vertebrae(split), whole)
+    assert np.array_equal(split[~post], ph.labels.data[~post])  # bodies, discs and canal unchanged

@@ -36,7 +36,7 @@ def phantom_layers(phantom: Phantom, name: str) -> list[LayerData]:
         "image",
     )
     labels = (
-        phantom.labels.canonical(),
+        phantom.truth("whole").canonical(),  # SPIDER's scheme: 2 = the whole vertebra
         {
             "name": "phantom truth",
             "colormap": dict(LABEL_COLORS),

@@ -137,7 +137,7 @@ def cmd_segment(args) -> int:
                                                               produced_by=prov))
     prov["outputs"] = written
     if args.truth:
-        prov["dice"] = _print_dice(result.labels, args.truth, result.class_names)
+        prov["dice"] = _print_dice(result.labels, args.truth, cfg.vertebrae)
     sidecar = _sidecar(args.output)
     _write_json(sidecar, prov)
     t = prov["timings"]["total_s"]
@@ -145,16 +145,21 @@ def cmd_segment(args) -> int:
     return EXIT_OK
 
 
-def _print_dice(labels, truth_path: Path, names) -> dict[str, float]:
-    from .evaluation.metrics import dice_per_class
+def _print_dice(labels, truth_path: Path, vertebrae: str) -> dict[str, float]:
+    """Dice per written label against a truth file in the same scheme (phantom --vertebrae, SPIDER)."""
+    from .evaluation.metrics import dice
     from .io.labels import to_classes
     from .io.readers import read_volume
+    from .labelscheme import label_names
 
-    truth = read_volume(truth_path, kind="labels")
-    scores = dice_per_class(labels.canonical(), to_classes(truth.canonical()), len(names))
-    for name, d in zip(names, scores):
-        print(f"Dice {name}: {d:.4f}")
-    return {n: float(d) for n, d in zip(names, scores)}
+    truth = to_classes(read_volume(truth_path, kind="labels").canonical())
+    pred = labels.canonical()
+    scores = {}
+    for value, name in label_names(vertebrae).items():
+        if (truth == value).any() or (pred == value).any():
+            scores[name] = float(dice(pred == value, truth == value))
+            print(f"Dice {name}: {scores[name]:.4f}")
+    return scores
 
 
 def _suffixed(path: Path, tag: str) -> Path:
@@ -293,6 +298,8 @@ def _add_phantom(sub) -> None:
     p.add_argument("--truth", type=Path, help="also write the ground-truth labels here")
     p.add_argument("--contrast", choices=["T2w", "T1w"], default="T2w")
     p.add_argument("--degenerated", type=int, default=0, help="number of degenerated discs")
+    p.add_argument("--vertebrae", choices=["whole", "split"], default="whole",
+                   help="truth labels: whole (default) 2 = whole vertebra; split: 2 = body, 4 = posterior elements")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_phantom)
 
@@ -305,7 +312,7 @@ def cmd_phantom(args) -> int:
     note = f"spinesegdiff {__version__} phantom seed {args.seed}"
     write_volume(ph.image.data, args.output, like=ph.image, kind="image", produced_by=note)
     if args.truth:
-        write_volume(ph.labels.data, args.truth, like=ph.image, kind="labels", produced_by=note)
+        write_volume(ph.truth(args.vertebrae).data, args.truth, like=ph.image, kind="labels", produced_by=note)
     print(f"wrote {args.output}" + (f" and {args.truth}" if args.truth else ""))
     return EXIT_OK
 

@@ -74,6 +74,17 @@ class Phantom:
     seed: int
     posterior_elements: Volume | None = None  # uint8 mask of pedicles, laminae and processes
 
+    def truth(self, vertebrae: str = "whole") -> Volume:
+        """The ground truth in the written label scheme (:mod:`labelscheme`): ``"whole"`` = 2 the whole
+        vertebra (body and posterior elements, as SPIDER), ``"split"`` = 2 body and 4 posterior elements."""
+        if vertebrae not in ("whole", "split"):
+            raise ValueError(f"vertebrae must be 'whole' or 'split', got {vertebrae!r}.")
+        out = self.labels.data.copy()
+        if self.posterior_elements is not None:
+            post = (self.posterior_elements.data > 0) & ((out == 0) | (out == 2))
+            out[post] = 2 if vertebrae == "whole" else 4
+        return self.labels.with_data(out)
+
     def level(self, name: str) -> Level:
         """The level called ``name`` (e.g. ``"L3"`` or ``"L4/L5"``)."""
         for lev in self.levels:
