@@ -20,14 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from napari_spinesegdiff.config import SegmentationConfig
-from napari_spinesegdiff.evaluation.evaluate import CLASS_NAMES, load_eval_cases, split_patients
+from napari_spinesegdiff.evaluation.evaluate import load_eval_cases, split_patients
 from napari_spinesegdiff.evaluation.metrics import dice
-from napari_spinesegdiff.pipeline import blend_presegmentation, finalize_labels, run
+from napari_spinesegdiff.labelscheme import ChannelRoles, merge_vertebrae
+from napari_spinesegdiff.pipeline import blend_presegmentation, finalize_labels, load_models, run
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", action="append", required=True, help="lumbar:PATH (as for evaluate)")
+    ap.add_argument("--data", action="append", required=True, help="lumbar:PATH, slabs:PATH (as for evaluate)")
     ap.add_argument("--splits", type=Path, required=True)
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--checkpoint", help="diffusion checkpoint (default: shipped)")
@@ -44,18 +45,26 @@ def main(argv: list[str] | None = None) -> int:
     raw = SegmentationConfig(checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint,
                              baseline_weight=0.0, smooth_mm=0.0)
     cases = load_eval_cases(args.data, split_patients(args.splits, args.fold, "val"))
+    names = load_models(raw).diffusion_config.class_names
+    split = "split" if ChannelRoles.of(names).can_split else "whole"
+    raw = raw.replace(vertebrae=split)
     rows = []
     for case in cases:
         spacing = case.image.orientation.canonical_spacing
         preseg = run(case.image, raw.replace(t_start=0), stream_every=0).canonical_probabilities
         diffusion = run(case.image, raw, stream_every=0).canonical_probabilities
+        region = case.in_range if case.in_range is not None else np.ones(case.truth.shape, bool)
+        mid = case.truth.shape[0] // 2
         for w in args.weights:
             for s in args.smooth:
                 labels = finalize_labels(blend_presegmentation(diffusion, preseg, w), spacing,
-                                         raw.replace(smooth_mm=s))
+                                         raw.replace(smooth_mm=s), class_names=names)
+                if case.vertebrae != "split":
+                    labels = merge_vertebrae(labels)
                 for c in case.classes:
-                    rows.append({"case": case.name, "class": CLASS_NAMES[c - 1], "baseline_weight": w,
-                                 "smooth_mm": s, "dice": round(dice(labels == c, case.truth == c, case.in_range), 4)})
+                    rows.append({"case": case.name, "class": case.class_name(c), "baseline_weight": w,
+                                 "smooth_mm": s, "dice": round(dice(labels == c, case.truth == c, region), 4),
+                                 "dice_mid": round(dice(labels[mid] == c, case.truth[mid] == c, region[mid]), 4)})
         print(f"{case.name}: done", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "inference_settings.csv", "w", newline="") as fh:
