@@ -60,6 +60,16 @@ class ActiveRun:
         return "done" if self.completed else ("failed" if self.error else "cancelled")
 
 
+@dataclass(frozen=True)
+class ResultInfo:
+    """What the state keeps of a shown result (the arrays live in the layers only, not twice in memory)."""
+
+    slices: tuple[int, ...]
+    channels: tuple[str, ...]  # the model's channel names (the P(...) layers)
+    label_names: dict[int, str]  # written label -> name (the labels layer)
+    provenance: dict[str, Any]
+
+
 class RunState(QObject):
     """The dock's shared state: current run, last result, what the result layers hold, run status."""
 
@@ -82,7 +92,7 @@ class RunState(QObject):
         self.image = None  # image layer of the current (or last) run
         self.config: SegmentationConfig | None = None  # configuration of the current (or last) run
         self.run: ActiveRun | None = None  # the current (or last) run
-        self.result = None  # the last SegmentationResult shown
+        self.result: ResultInfo | None = None  # the last result shown
         self.result_image = None  # image layer the result layers belong to
         self.label_names: dict[int, str] = {}  # written label -> name, of the result layers
         self.segmented: set[int] = set()  # canonical slices the result layers hold results for
@@ -125,10 +135,13 @@ class RunState(QObject):
         self.run_finished.emit(outcome)
 
     def adopt(self, image, result, label_names: dict[int, str], merged: bool) -> None:
-        """The result layers now hold ``result`` of ``image`` (merged into the earlier runs' slices, or not)."""
+        """The result layers now hold the ``SegmentationResult`` of ``image`` (merged into the earlier runs'
+        slices, or not)."""
         if not merged:
             self.segmented, self.runs = set(), []
-        self.result, self.result_image, self.label_names = result, image, dict(label_names)
+        self.result = ResultInfo(tuple(int(i) for i in result.slices), tuple(result.class_names), dict(label_names),
+                                 result.provenance)
+        self.result_image, self.label_names = image, dict(label_names)
         self.segmented |= {int(i) for i in result.slices}
         self.runs.append(result.provenance)
 
