@@ -94,9 +94,11 @@ class LoadedModels:
 @lru_cache(maxsize=4)
 def _load_models_cached(diffusion_path: str, baseline_path: str | None, device: str) -> LoadedModels:
     from .model.checkpoint import load_checkpoint
-    from .model.device import resolve_device
+    from .model.device import keep_freed_memory, resolve_device
 
     dev, message = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     net, cfg = load_checkpoint(diffusion_path, map_location="cpu")
     if getattr(cfg, "kind", "diffusion") != "diffusion":
         raise SegmentationError(f"{diffusion_path} is a {cfg.kind} checkpoint, not a diffusion model.")

@@ -37,3 +37,37 @@ def resolve_device(name: str = "auto") -> tuple[torch.device, str]:
             )
         return torch.device("mps"), "Using the Apple GPU (mps)."
     raise ValueError(f"device must be auto, cpu, cuda or mps, got {name!r}.")
+
+
+#: glibc ``mallopt`` parameters (malloc.h) and the values CPU inference runs with: keep freed memory in the
+#: process instead of returning every large activation buffer to the kernel.  Without this, each denoiser
+#: pass maps and unmaps its activations and the kernel zero-fills their pages again: about 2.4 million page
+#: faults and a fifth of the run as system time on a 4-slice run (benchmarks/bench_cli.py).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MALLOC_SETTINGS = ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 2**30))
+_allocator_tuned: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's allocator for repeated large CPU tensors (once per process; True when applied).
+
+    Buffers up to 32 MiB come from the heap instead of fresh ``mmap`` pages, and the heap is not trimmed
+    after every free.  A no-op (False) off glibc (macOS, Windows, musl) or when ``SPINESEGDIFF_MALLOC=0``.
+    """
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    import os
+    import sys
+
+    _allocator_tuned = False
+    if not sys.platform.startswith("linux") or os.environ.get("SPINESEGDIFF_MALLOC", "1") == "0":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        _allocator_tuned = all(libc.mallopt(param, value) == 1 for param, value in _MALLOC_SETTINGS)
+    except (OSError, AttributeError):
+        _allocator_tuned = False
+    return _allocator_tuned
