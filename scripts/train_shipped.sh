@@ -75,7 +75,7 @@ if [ "$STAGE" = 4 ] || [ "$STAGE" = all ]; then
         --crop 160 160 --threads "${THREADS:-2}" --no-progress $RESUME)
     .venv/bin/spinesegdiff train --kind baseline --iterations 2500 --lr 5e-4 --seed 4 --val-every 500 \
         --init "$V3/baseline.safetensors" "${V4[@]}" --out runs/v4_baseline >> runs/v4_baseline.log 2>&1
-    .venv/bin/spinesegdiff train --kind diffusion --iterations 1800 --lr 3e-4 --seed 5 --val-every 300 \
+    .venv/bin/spinesegdiff train --kind diffusion --iterations 1200 --lr 3e-4 --seed 5 --val-every 300 \
         --init "$V3/diffusion.safetensors" --prior runs/v4_baseline/best.safetensors --prior-share 0.8 \
         "${V4[@]}" --out runs/v4_diffusion >> runs/v4_diffusion.log 2>&1
     cp runs/v4_baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
