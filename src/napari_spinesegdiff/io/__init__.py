@@ -1,5 +1,6 @@
 """Volume I/O without torch or Qt: readers, writers, orientation, label maps."""
 
+from .guard import check_signal
 from .labels import is_spider_mask, spider_to_classes, to_classes
 from .orientation import CANONICAL_AXCODES, SagittalOrientation, napari_geometry
 from .readers import (
@@ -20,6 +21,7 @@ __all__ = [
     "Volume",
     "VolumeReadError",
     "VolumeWriteError",
+    "check_signal",
     "geometry_metadata",
     "is_spider_mask",
     "like_from_metadata",

@@ -9,12 +9,15 @@ Everything a writer needs to write back into the same geometry stays in ``Volume
 from __future__ import annotations
 
 import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from . import guard
+from .guard import VolumeReadError, check_affine, check_signal
 from .labels import as_label_array, is_integral
 from .volume import Volume
 
@@ -40,10 +43,6 @@ NIFTI_INTENT_LABEL = 1002
 PROVENANCE_PREFIX = "spinesegdiff"
 
 _SHEAR_TOL = 1e-4
-
-
-class VolumeReadError(ValueError):
-    """A file that cannot be opened as one 3-D scalar volume; the message is one sentence naming it."""
 
 
 class PairMismatchError(VolumeReadError):
@@ -113,22 +112,8 @@ def looks_like_labels_path(path: str | Path) -> bool:
     return bool(tokens & LABEL_NAME_TOKENS) or p.parent.name.lower() in LABEL_FOLDERS
 
 
-def _sentence(text: str) -> str:
-    """First line of a library message, without a trailing full stop, so it fits in one sentence."""
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    for ln in lines:  # SimpleITK puts the useful part on a line with "ERROR"
-        if "ERROR" in ln:
-            text = ln.split("ERROR:", 1)[-1]
-            break
-    else:
-        text = lines[0] if lines else "unknown error"
-    text = re.sub(r"\w+\(0x[0-9a-fA-F]+\):\s*", "", text)  # drop ITK's "ClassName(0x55...):" prefixes
-    text = text.strip().rstrip(".")
-    return text.replace(". ", "; ")
-
-
 def _fail(path: Path, reason: str) -> VolumeReadError:
-    return VolumeReadError(f"Cannot open {path}: {reason}.")
+    return guard.fail(path, reason)
 
 
 def _shape_text(shape) -> str:
@@ -163,10 +148,8 @@ def has_shear(affine: np.ndarray, tol: float = _SHEAR_TOL) -> bool:
 
 
 def _check_affine(affine: np.ndarray, path: Path) -> None:
-    if not np.all(np.isfinite(affine)):
-        raise _fail(path, "its affine holds NaN or infinite values")
-    if np.any(np.linalg.norm(affine[:3, :3], axis=0) == 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise _fail(path, "its affine has a zero voxel size")
+    """Finite, non-degenerate, each axis its own direction (see :func:`guard.check_affine`); shear warns."""
+    check_affine(affine, path)
     if has_shear(affine):
         warnings.warn(
             f"{path.name} has a sheared affine; the canonical sagittal view uses the nearest axis-aligned "
@@ -198,18 +181,32 @@ def nifti_header_affine(header: Any) -> tuple[np.ndarray, str]:
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     import nibabel as nib
 
+    guard.check_nifti(path)  # header, extensions and data size, before nibabel reads anything
     try:
-        img = nib.load(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nibabel's notes on odd headers; the checks below decide
+            img = nib.load(str(path))
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any library failure becomes one sentence
-        raise _fail(path, f"it is not a readable NIfTI/Analyze file ({_sentence(exc)})") from exc
+        raise _fail(path, "its header is not a valid NIfTI or Analyze header") from exc
     header = img.header
-    dtype = img.get_data_dtype()
+    try:
+        dtype = img.get_data_dtype()
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(path, "its header declares a voxel type nibabel cannot read") from exc
     if dtype.names:
         raise _fail(path, f"its voxels are RGB/vector values ({', '.join(dtype.names)}), not scalar intensities")
     if dtype.kind == "c":
         raise _fail(path, f"its voxels are complex numbers ({dtype}), not real intensities")
     _check_shape(img.shape, path)
-    affine, source = nifti_header_affine(header)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            affine, source = nifti_header_affine(header)
+    except Exception as exc:  # noqa: BLE001 - e.g. a qform with negative voxel sizes
+        raise _fail(path, "its qform, sform or voxel size cannot be turned into an affine") from exc
+    _check_affine(affine, path)  # before any voxel is read
     if source == "pixdim":
         warnings.warn(
             f"{path.name} has neither a qform nor an sform; using the voxel size only (origin 0, axes "
@@ -218,8 +215,10 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         )
     try:
         data = _nifti_data(img)
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise _fail(path, f"its voxel data cannot be read, the file may be truncated ({_sentence(exc)})") from exc
+        raise _fail(path, "its voxel data cannot be read, so the file is truncated or corrupt") from exc
     data = _to_3d(data, path)
     descrip = _descrip(header)
     meta: dict[str, Any] = {
@@ -319,42 +318,60 @@ def _sitk_volume(img, path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any
 
 
 def _detached_data_files(path: Path) -> list[Path]:
-    """The voxel-data files a ``.mhd`` / ``.nhdr`` header points to (``ElementDataFile`` / ``data file``),
-    so that they count as part of the source scan; none for attached (``LOCAL``) or listed data."""
-    suffix = file_suffix(path)
-    if suffix not in (".mhd", ".nhdr"):
+    """The voxel-data file a MetaImage or NRRD header points to (``ElementDataFile`` / ``data file``), so
+    that it counts as part of the source scan; none for attached (``LOCAL``) data or a header that the
+    checks refuse."""
+    try:
+        facts = guard.check_nrrd(path) if file_suffix(path) in (".nrrd", ".nhdr") else guard.check_metaimage(path)
+    except VolumeReadError:
         return []
-    with open(path, "rb") as fh:
-        head = fh.read(65536).decode("latin-1")
-    keys = ("elementdatafile",) if suffix == ".mhd" else ("data file", "datafile")
-    for line in head.splitlines():
-        key, sep, value = line.partition("=" if suffix == ".mhd" else ":")
-        if sep and key.strip().lower() in keys:
-            name = value.strip()
-            if not name or name.upper() == "LOCAL" or name.upper().startswith("LIST") or " " in name:
-                return []
-            return [(path.parent / name).resolve()]
-    return []
+    return [f.resolve() for f in facts.data_files]
+
+
+def _itk_info_affine(reader, path: Path) -> np.ndarray:
+    """The RAS affine an ITK reader's header information gives, before any voxel is read."""
+    dim = reader.GetDimension()
+    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(dim, dim)
+    spacing = np.asarray(reader.GetSpacing(), dtype=float)
+    origin = np.asarray(reader.GetOrigin(), dtype=float)
+    if not (np.all(np.isfinite(direction)) and np.all(np.isfinite(spacing)) and np.all(np.isfinite(origin))):
+        raise _fail(path, "its origin, spacing or direction holds NaN or infinite values")
+    if np.any(spacing <= 0):
+        raise _fail(path, f"its voxel spacing {' x '.join(f'{v:g}' for v in spacing)} is not positive")
+    if dim < 3:
+        return np.eye(4)
+    return itk_to_ras_affine(tuple(direction[:3, :3].ravel()), tuple(spacing[:3]), tuple(origin[:3]))
+
+
+_ITK_IO = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO"}
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     import SimpleITK as sitk
 
+    suffix = file_suffix(path)
+    nrrd = suffix in (".nrrd", ".nhdr")
+    facts = guard.check_nrrd(path) if nrrd else guard.check_metaimage(path)  # before SimpleITK sees the file
+    _check_shape(tuple(facts.dims), path)
+    what = "NRRD" if nrrd else "MetaImage"
     reader = sitk.ImageFileReader()
+    reader.SetImageIO(_ITK_IO[suffix])  # the reader whose header was checked, never one guessed from the content
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except Exception as exc:  # noqa: BLE001
-        raise _fail(path, f"it is not a readable image file ({_sentence(exc)})") from exc
+        raise _fail(path, f"its {what} header cannot be read") from exc
     _sitk_checks(path, reader.GetSize(), reader.GetNumberOfComponents(), reader.GetPixelID())
+    _check_affine(_itk_info_affine(reader, path), path)
     try:
         img = reader.Execute()
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise _fail(path, f"its voxel data cannot be read, the file may be truncated ({_sentence(exc)})") from exc
+        raise _fail(path, f"its {what} voxel data cannot be read, so the file is truncated or corrupt") from exc
     data, affine, meta = _sitk_volume(img, path)
-    suffix = file_suffix(path)
-    meta["format"] = "nrrd" if suffix in (".nrrd", ".nhdr") else "metaimage"
-    meta["source_files"] = [path, *_detached_data_files(path)]
+    meta["format"] = "nrrd" if nrrd else "metaimage"
+    meta["source_files"] = [path, *(f.resolve() for f in facts.data_files)]
     keys = img.GetMetaDataKeys()
     if PROVENANCE_KEY in keys:
         meta["produced_by"] = img.GetMetaData(PROVENANCE_KEY)
@@ -365,9 +382,27 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ DICOM
 
 
-def _series_files(folder: Path) -> list[tuple[str, list[str]]]:
+def _check_dicom_folder(folder: Path, owner: Path) -> None:
+    """Every entry GDCM would open must be a regular file (a fifo or device would block or never end)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise _fail(owner, f"its folder cannot be listed ({exc.strerror or type(exc).__name__})") from None
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except OSError:
+            raise _fail(owner, f"the entry {entry.name} of its folder is a broken link or cannot be examined") from None
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if not stat.S_ISREG(st.st_mode) or guard.is_system_path(entry):
+            raise _fail(owner, f"the entry {entry.name} of its folder is a device, pipe or socket, not a file")
+
+
+def _series_files(folder: Path, owner: Path | None = None) -> list[tuple[str, list[str]]]:
     import SimpleITK as sitk
 
+    _check_dicom_folder(folder, owner or folder)
     series = []
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
         # An empty series UID ("") is a valid ID: GDCM then groups the files that lack one.
@@ -377,21 +412,46 @@ def _series_files(folder: Path) -> list[tuple[str, list[str]]]:
     return series
 
 
+def _check_dicom_header(files: list[str], path: Path) -> None:
+    """Size, spacing and direction of the series' first file, and the voxel cap for the whole series."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(path, "its DICOM header cannot be read") from exc
+    size = list(reader.GetSize())
+    if len(files) > 1:
+        size = [*size[:2], int(np.prod(size[2:], dtype=np.int64)) * len(files)]
+    guard.check_dims(path, size, "its DICOM header")
+    _itk_info_affine(reader, path)
+    if reader.GetNumberOfComponents() > 4:
+        raise _fail(path, f"its voxels are {reader.GetNumberOfComponents()}-component values, not scalar intensities")
+
+
 def _read_dicom_series(files: list[str], path: Path, uid: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     import SimpleITK as sitk
 
+    _check_dicom_header(files, path)
     try:
         if len(files) == 1:
-            img = sitk.ReadImage(files[0])  # one file: a multi-frame (enhanced) DICOM or a single slice
+            img = sitk.ReadImage(files[0], imageIO="GDCMImageIO")  # a multi-frame (enhanced) DICOM or one slice
         else:
             reader = sitk.ImageSeriesReader()
+            reader.SetImageIO("GDCMImageIO")
             reader.SetFileNames(files)
             img = reader.Execute()
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise _fail(path, f"its DICOM data cannot be read ({_sentence(exc)})") from exc
+        raise _fail(path, "its DICOM voxel data cannot be read") from exc
     if img.GetDimension() == 3 and img.GetSize()[2] == 1:
         raise _fail(path, "it is a single 2-D DICOM slice and no other slice of its series is beside it")
     data, affine, meta = _sitk_volume(img, path)
+    _check_affine(affine, path)  # a series' slice spacing is only known once its files are stacked
     meta.update(format="dicom", source_files=[Path(f) for f in files], series_uid=uid)
     return data, affine, meta
 
@@ -401,8 +461,10 @@ def _read_dicom_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, 
         raise _fail(folder, "the folder holds no DICOM file")
     try:
         series = _series_files(folder)
+    except VolumeReadError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise _fail(folder, f"its DICOM files cannot be listed ({_sentence(exc)})") from exc
+        raise _fail(folder, "its DICOM files cannot be listed") from exc
     if not series:
         raise _fail(folder, "the folder holds no readable DICOM series")
     uid, files = max(series, key=lambda s: len(s[1]))
@@ -416,7 +478,9 @@ def _read_dicom_folder(folder: Path) -> tuple[np.ndarray, np.ndarray, dict[str, 
 def _read_dicom_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One DICOM file: the whole series it belongs to, or the file alone (multi-frame)."""
     try:
-        series = _series_files(path.parent)
+        series = _series_files(path.parent, owner=path)
+    except VolumeReadError:
+        raise
     except Exception:  # noqa: BLE001 - fall back to the file alone
         series = []
     target = path.resolve()
@@ -458,11 +522,28 @@ def read_volume(path: str | Path, kind: ReadKind = "auto") -> Volume:
 
     Raises :class:`VolumeReadError` (a ``ValueError``) with one sentence naming the file and the reason
     for 2-D, 4-D or 5-D data, RGB/vector or complex voxels, unreadable or truncated files and unknown
-    extensions.
+    extensions.  Every header is checked by :mod:`.guard` before any voxel array is allocated or the file
+    is handed to SimpleITK (dimensions, voxel count, declared bytes against the file, spacing, direction,
+    detached data files); any other library failure, including running out of memory, is also a
+    :class:`VolumeReadError`.  Voxel sizes outside 0.05-20 mm give a warning.
     """
+    if kind not in ("auto", "image", "labels"):
+        raise ValueError(f"kind must be 'auto', 'image' or 'labels', not {kind!r}.")
     p = Path(path)
-    if not p.exists():
-        raise _fail(p, "the file does not exist")
+    try:
+        return _read_volume(p, kind)
+    except VolumeReadError:
+        raise
+    except MemoryError:
+        raise _fail(p, "its voxel data does not fit in the memory available") from None
+    except RecursionError:
+        raise _fail(p, "its header is nested too deeply to be read") from None
+    except Exception as exc:  # noqa: BLE001 - a library's own failure still becomes one sentence naming the file
+        raise _fail(p, "it cannot be read as a scan, so it is corrupt or not a format SpineSegDiff reads") from exc
+
+
+def _read_volume(p: Path, kind: ReadKind) -> Volume:
+    guard.check_input_path(p)
     if p.is_dir():
         data, affine, meta = _read_dicom_folder(p)
     else:
@@ -476,7 +557,6 @@ def read_volume(path: str | Path, kind: ReadKind = "auto") -> Volume:
         else:
             raise _fail(p, f"the extension '{suffix or p.name}' is not one SpineSegDiff reads "
                         f"({', '.join(READ_SUFFIXES)} or a DICOM folder)")
-    _check_affine(affine, p)
     data, resolved = _resolve_kind(data, p, kind, bool(meta.pop("labels_marked", False)))
     return Volume(data, affine, kind=resolved, source=p, meta=meta)  # type: ignore[arg-type]
 
