@@ -203,3 +203,51 @@ def test_viewer_saves_labels_in_source_geometry(make_napari_viewer, plugin_regis
     assert back.shape == source.shape
     np.testing.assert_allclose(back.affine, source.affine, atol=1e-5)
     assert np.array_equal(back.data, original.data)
+
+
+# ------------------------------------------------------------------------- extensionless DICOM, .hdr/.img
+
+
+def test_get_reader_accepts_extensionless_dicom_that_read_volume_opens(shared_file, tmp_path):
+    enhanced = tmp_path / "ENHANCED"
+    shutil.copy(shared_file("formats/niivue/enh.dcm"), enhanced)
+    series = tmp_path / "series"
+    series.mkdir()
+    for i, f in enumerate(sorted(shared_file("formats/niivue/dicom_series").glob("*.dcm"))):
+        shutil.copy(f, series / f"IM{i:04d}")
+    for path in (enhanced, series / "IM0001"):
+        expected = read_volume(path)
+        reader = napari_get_reader(str(path))
+        assert callable(reader), path
+        [(data, kwargs, layer_type)] = reader(str(path))
+        assert layer_type == "image" and data.shape == expected.orientation.canonical_shape
+        assert kwargs["metadata"]["format"] == "dicom"
+    notes = tmp_path / "README"
+    notes.write_bytes(b"\x00" * 128 + b"NOPE" + b"plain text")
+    assert napari_get_reader(str(notes)) is None
+
+
+def test_reader_and_manifest_take_analyze_pairs(shared_file):
+    for rel in ("formats/niivue/ras.hdr", "formats/niivue/ras.img"):
+        path = shared_file(rel)
+        reader = napari_get_reader(str(path))
+        assert callable(reader)
+        [(data, kwargs, _)] = reader(str(path))
+        assert kwargs["metadata"]["file_shape"] == (62, 41, 34)
+    patterns = MANIFEST.read_text().split("filename_patterns:", 1)[1].splitlines()[0]
+    assert '"*.hdr"' in patterns and '"*.img"' in patterns
+
+
+def test_reader_refusal_is_our_one_sentence(tmp_path):
+    bomb = tmp_path / "stub.nii"
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    img.header.set_data_shape((4000, 4000, 100))
+    bomb.write_bytes(img.header.binaryblock + bytes(4) + bytes(5000))
+    reader = napari_get_reader(str(bomb))
+    assert callable(reader)
+    from napari_spinesegdiff.io import VolumeReadError
+
+    with pytest.raises(VolumeReadError) as info:
+        reader(str(bomb))
+    message = str(info.value)
+    assert message.startswith(f"Cannot open {bomb}: ") and "truncated" in message and ". " not in message

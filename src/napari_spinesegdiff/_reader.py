@@ -26,6 +26,7 @@ from .io.readers import (
     file_stem,
     file_suffix,
     geometry_metadata,
+    is_dicom_file,
     read_volume,
 )
 from .io.volume import Volume
@@ -35,10 +36,12 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 
 def _claims(path: str | Path) -> bool:
+    """A DICOM folder, a regular file with an extension we read, or a DICOM file without one (``DICM``
+    at byte 128), as :func:`~napari_spinesegdiff.io.read_volume` opens them."""
     p = Path(path)
     if p.is_dir():
         return bool(dicom_files_in(p, limit=1))
-    return p.is_file() and file_suffix(p) in READ_SUFFIXES
+    return p.is_file() and (file_suffix(p) in READ_SUFFIXES or is_dicom_file(p))
 
 
 def napari_get_reader(path: str | Path | Sequence[str | Path]) -> Callable[..., list[LayerData]] | None:
@@ -57,14 +60,13 @@ def read_layers(path: str | Path | Sequence[str | Path]) -> list[LayerData]:
     paths = [path] if isinstance(path, str | Path) else list(path)
     layers = []
     for p in paths:
+        volume = read_volume(p)  # refusals are VolumeReadError (a ValueError): one sentence naming the file
         try:
-            volume = read_volume(p)
-        except VolumeReadError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - unexpected library failures become one sentence too
-            reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
-            raise ValueError(f"Cannot open {p}: {reason}.") from exc
-        layers.append(volume_to_layer_data(volume))
+            layers.append(volume_to_layer_data(volume))
+        except MemoryError:
+            raise VolumeReadError(f"Cannot open {p}: its layer does not fit in the memory available.") from None
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure is still one sentence naming the file
+            raise VolumeReadError(f"Cannot open {p}: it was read but cannot be shown as a layer.") from exc
     return layers
 
 
