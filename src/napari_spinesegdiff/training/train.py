@@ -165,7 +165,9 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
     baseline: the prediction from the image.  diffusion: the x0 prediction from the ground truth noised
     to t in {100, 300, 600, 999} with fixed noise (t = 999 is the image alone); with ``prior_net`` the
     baseline's prediction noised to t in {100, 300} instead (what inference with presegmentation sees).
-    Dice is 3-D per case and channel over known pixels, averaged.
+    Dice is 3-D per case and channel over known pixels, averaged over the channels that have labelled
+    structure in the case (a channel known only to be absent, like SPIDER's vertebral bodies outside the
+    vertebrae, has no Dice: one stray pixel would score it 0).
     """
     net.eval()
     gen = torch.Generator().manual_seed(1234)
@@ -197,9 +199,11 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
             pred = torch.cat(preds) * known
             tgt = target * known
             for c in np.flatnonzero(case.known):
+                if not bool(tgt[:, c].any()):
+                    continue  # nothing of this channel is labelled here (SPIDER's bodies): no Dice to take
                 inter = (pred[:, c] * tgt[:, c]).sum()
                 denom = pred[:, c].sum() + tgt[:, c].sum()
-                scores.append(float(2 * inter / denom) if denom > 0 else 1.0)
+                scores.append(float(2 * inter / denom))
     net.train()
     return {"val_dice": float(np.mean(scores)) if scores else float("nan")}
 
