@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("scan")
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument("--slices", type=int, default=9, help="how many middle slices to segment")
+    ap.add_argument("--vertebrae", choices=["whole", "split"], default="whole")
     args = ap.parse_args()
 
     import napari
@@ -33,18 +34,20 @@ def main() -> None:
     layers = viewer.open(args.scan, plugin="spinesegdiff")
     image = layers[0]
     _, w = viewer.window.add_plugin_dock_widget("spinesegdiff", "SpineSegDiff")
-    w.image.value = image
+    form = w.segment  # the Segment panel's controls
+    form.image.value = image
     n = image.data.shape[0]
     a = max(0, n // 2 - args.slices // 2)
-    w.steps.value, w.ensemble.value, w.batch_slices.value = 10, 5, 3
-    w.slice_mode.value, w.slice_range.value = "range", f"{a}:{a + args.slices}"
-    w.stream_every.value, w.prior.value, w.device.value = 1, "baseline", "auto"
+    form.steps.value, form.ensemble.value, form.batch_slices.value = 10, 5, 3
+    form.slice_mode.value, form.slice_range.value = "range", f"{a}:{a + args.slices}"
+    form.stream_every.value, form.prior.value, form.device.value = 1, "baseline", "auto"
+    form.vertebrae.value = args.vertebrae
     loop = QEventLoop()
     w.run_finished.connect(lambda _status: loop.quit())
     w.run()
     loop.exec()
     app = QApplication.instance()
-    while getattr(w, "_qa_worker", None) is not None:
+    while w.review.busy:
         app.processEvents()
     mid = n // 2
     w.go_to(image, (mid, image.data.shape[1] // 2, image.data.shape[2] // 2))
@@ -54,12 +57,12 @@ def main() -> None:
     imwrite(args.out / "screenshot.png", viewer.screenshot(canvas_only=False, flash=False))
 
     # the denoising history of one slice from pure noise (no prior): scrub the trajectory's step axis
-    w.prior.value, w.slice_range.value, w.steps.value = "none", f"{mid}:{mid + 1}", 12
+    form.prior.value, form.slice_range.value, form.steps.value = "none", f"{mid}:{mid + 1}", 12
     loop = QEventLoop()
     w.run_finished.connect(lambda _status: loop.quit())
     w.run()
     loop.exec()
-    while getattr(w, "_qa_worker", None) is not None:
+    while w.review.busy:
         app.processEvents()
     traj = viewer.layers["denoising trajectory"] if "denoising trajectory" in viewer.layers else None
     if traj is not None:
