@@ -1,0 +1,832 @@
+"""Fuzz the scan readers with mutated NIfTI, MetaImage (.mha, .mhd + .raw) and NRRD files.
+
+Every case is read in a child process of its own (forked from a clean process that imported the readers
+and nothing else), with its address space capped (RLIMIT_AS) and a timeout, through
+``napari_spinesegdiff.io.readers.read_volume`` and through the napari reader hook
+(``napari_get_reader`` then the reader it returns, without a viewer).  Each case counts as:
+
+* ``opened``  -- both paths returned a volume / layers;
+* ``refused`` -- a path raised :class:`VolumeReadError` whose message is one sentence naming the file;
+* ``foreign`` -- any other exception type, or a refusal whose message is not one sentence of ours;
+* ``crashed`` -- the child died by a signal or exited without reporting;
+* ``hung``    -- the child ran past the timeout.
+
+Run by hand (a few minutes for 2,000 cases on one core):
+
+    python benchmarks/fuzz.py --cases 2000 --seed 0 [--workers 1] [--json report.json] [--keep DIR]
+
+``--explicit`` adds one named case per crash class found by the hostile tester (negative, zero and huge
+NDims, a tiny compressed .mha declaring 1024^3 voxels, a 4000x4000x100 .nii stub, .mhd -> /dev/zero and
+/dev/stdin, a degenerate affine, a negative dimension).  The exit status is 1 when any case is foreign,
+crashed or hung.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+    os.environ.setdefault(_var, "1")  # no thread pools in the process that forks the cases
+
+import argparse  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import select  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import struct  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import zlib  # noqa: E402
+from collections import Counter  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+OUTCOMES = ("opened", "refused", "foreign", "crashed", "hung")
+#: Words that only appear in a library's own messages, never in one of our sentences.
+LIBRARY_MARKERS = re.compile(
+    r"Traceback|sitk::|ITK ERROR|itk::|\[nrrd\]|0x[0-9a-fA-F]{6,}|MetaImage:|MET_Read|broadcast shape|"
+    r"iterator is too large|start_ornt|HeaderDataError|nibabel|Exception thrown|numpy|[Ee]rrno"
+)
+
+
+# ------------------------------------------------------------------------------------------ case model
+
+
+@dataclass
+class Case:
+    """One fuzz case: files to write into its folder and the file to open."""
+
+    name: str
+    target: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)  # name -> symlink target
+    fifos: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)
+    note: str = ""
+    expect: str | None = None  # for explicit cases: a phrase the refusal must contain
+
+
+def _gz(data: bytes) -> bytes:
+    """gzip with a fixed time stamp, so a seed always gives the same bytes."""
+    return gzip.compress(data, compresslevel=1, mtime=0)
+
+
+def _dtype_for(rng: random.Random) -> np.dtype:
+    return np.dtype(rng.choice(["uint8", "int16", "uint16", "int32", "float32", "float64"]))
+
+
+def _base_array(rng: random.Random) -> np.ndarray:
+    shape = (rng.randint(3, 9), rng.randint(3, 9), rng.randint(2, 6))
+    dtype = _dtype_for(rng)
+    values = np.random.default_rng(rng.randrange(2**32)).integers(0, 200, size=shape)
+    return values.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ NIfTI
+
+_NIFTI_CODES = {"uint8": 2, "int16": 4, "int32": 8, "float32": 16, "float64": 64, "int8": 256, "uint16": 512}
+
+
+def nifti_header(arr: np.ndarray, spacing=(1.0, 1.0, 1.0), single: bool = True) -> bytearray:
+    """A NIfTI-1 header (348 bytes) written by hand, little-endian, sform = qform = diag(spacing)."""
+    h = bytearray(348)
+    struct.pack_into("<i", h, 0, 348)
+    dim = [arr.ndim, *arr.shape] + [1] * (7 - arr.ndim)
+    struct.pack_into("<8h", h, 40, *dim)
+    code = _NIFTI_CODES[str(arr.dtype)]
+    struct.pack_into("<hh", h, 70, code, arr.dtype.itemsize * 8)
+    struct.pack_into("<8f", h, 76, 1.0, *spacing, 1, 1, 1, 1)
+    struct.pack_into("<f", h, 108, 352.0 if single else 0.0)
+    struct.pack_into("<ff", h, 112, 1.0, 0.0)  # scl_slope, scl_inter
+    struct.pack_into("<hh", h, 252, 1, 1)  # qform_code, sform_code
+    struct.pack_into("<6f", h, 256, 0, 0, 0, 0, 0, 0)  # quatern b, c, d, qoffset x, y, z
+    struct.pack_into("<4f", h, 280, spacing[0], 0, 0, 0)
+    struct.pack_into("<4f", h, 296, 0, spacing[1], 0, 0)
+    struct.pack_into("<4f", h, 312, 0, 0, spacing[2], 0)
+    h[344:348] = b"n+1\x00" if single else b"ni1\x00"
+    return h
+
+
+_NIFTI_FIELDS = {  # name -> (offset, struct format)
+    "sizeof_hdr": (0, "i"), "dim0": (40, "h"), "dim1": (42, "h"), "dim2": (44, "h"), "dim3": (46, "h"),
+    "dim4": (48, "h"), "datatype": (70, "h"), "bitpix": (72, "h"), "qfac": (76, "f"), "pixdim1": (80, "f"),
+    "pixdim2": (84, "f"), "pixdim3": (88, "f"), "vox_offset": (108, "f"), "scl_slope": (112, "f"),
+    "scl_inter": (116, "f"), "qform_code": (252, "h"), "sform_code": (254, "h"), "quatern_b": (256, "f"),
+    "quatern_c": (260, "f"), "quatern_d": (264, "f"), "qoffset_x": (268, "f"), "srow_x0": (280, "f"),
+    "srow_x1": (284, "f"), "srow_y0": (296, "f"), "srow_y1": (300, "f"), "srow_z2": (320, "f"),
+}
+_WEIRD_INTS = [-32768, -5, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 100, 1024, 4000, 32767]
+_WEIRD_FLOATS = [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, 1e-10, 2e-10, 6.7e7, 1e30, 3.4e38, 0.5, 1.0,
+                 352.0, 1e9]
+
+
+def _mutate_nifti_header(rng: random.Random, h: bytearray) -> str:
+    choice = rng.random()
+    if choice < 0.1:  # the shape of the memory bomb
+        struct.pack_into("<3h", h, 42, 4000, 4000, 100)
+        return "dims 4000x4000x100"
+    if choice < 0.15:
+        struct.pack_into("<i", h, 0, rng.choice([0, 347, 540, 1543569408, -1]))
+        return "sizeof_hdr"
+    if choice < 0.2:
+        h[344:348] = rng.choice([b"n+2\x00", b"ni1\x00", b"xxxx", b"\x00\x00\x00\x00", b"n+1\x00"])
+        return "magic"
+    name = rng.choice(sorted(_NIFTI_FIELDS))
+    offset, fmt = _NIFTI_FIELDS[name]
+    if fmt in "hi":
+        value = rng.choice(_WEIRD_INTS + [rng.randint(-40000, 40000)])
+        value = max(-32768, min(32767, value)) if fmt == "h" else value
+    else:
+        value = rng.choice(_WEIRD_FLOATS + [rng.uniform(-1e6, 1e6)])
+    struct.pack_into("<" + fmt, h, offset, value)
+    return f"{name}={value}"
+
+
+def nifti_case(rng: random.Random, index: int) -> Case:
+    arr = _base_array(rng)
+    spacing = tuple(round(rng.uniform(0.3, 4.0), 3) for _ in range(3))
+    kind = rng.choice(["nii", "nii.gz", "pair"])
+    single = kind != "pair"
+    h = nifti_header(arr, spacing, single)
+    notes = []
+    ext = b"\x00\x00\x00\x00"
+    if rng.random() < 0.15:  # header extensions, sometimes with lying sizes
+        esize = rng.choice([-8, 0, 4, 8, 16, 32, 2**31 - 1, 1 << 20])
+        ext = b"\x01\x00\x00\x00" + struct.pack("<ii", esize, 6) + bytes(8)
+        struct.pack_into("<f", h, 108, 352.0 + 16)
+        notes.append(f"extension esize={esize}")
+    for _ in range(rng.randint(1, 3)):
+        notes.append(_mutate_nifti_header(rng, h))
+    body = arr.tobytes(order="F")
+    body, body_note = _mutate_body(rng, body)
+    if body_note:
+        notes.append(body_note)
+    stem = f"case{index}"
+    case = Case(name=stem, target="")
+    if kind == "pair":
+        case.files[stem + ".hdr"] = bytes(h) + (ext if ext[0] else b"")
+        case.files[stem + ".img"] = body
+        case.target = stem + rng.choice([".hdr", ".img"])
+        r = rng.random()
+        if r < 0.05:
+            del case.files[stem + ".img"]
+            case.links[stem + ".img"] = "/dev/zero"
+            notes.append(".img -> /dev/zero")
+        elif r < 0.08:
+            del case.files[stem + ".img"]
+            notes.append(".img missing")
+    else:
+        raw = bytes(h) + ext + body
+        if kind == "nii.gz":
+            raw = _gz(raw)
+            if rng.random() < 0.2:
+                cut = rng.randint(10, max(11, len(raw) - 1))
+                raw = raw[:cut]
+                notes.append(f"gzip cut at {cut}")
+        case.files[stem + "." + kind] = raw
+        case.target = stem + "." + kind
+    case.note = "nifti " + kind + ": " + ", ".join(notes)
+    return case
+
+
+_NIFTI2_FIELDS = {  # name -> (offset, struct format), NIfTI-2 little-endian
+    "dim0": (16, "q"), "dim1": (24, "q"), "dim2": (32, "q"), "dim3": (40, "q"), "datatype": (12, "h"),
+    "pixdim1": (112, "d"), "pixdim2": (120, "d"), "vox_offset": (168, "q"), "qform_code": (344, "i"),
+    "sform_code": (348, "i"), "srow_x0": (400, "d"), "srow_y1": (440, "d"),
+}
+
+
+def nifti2_case(rng: random.Random, index: int) -> Case:
+    """A NIfTI-2 file (or a big-endian NIfTI-1) written by nibabel, then mutated."""
+    import nibabel as nib
+
+    arr = _base_array(rng)
+    affine = np.diag([*(round(rng.uniform(0.3, 4.0), 3) for _ in range(3)), 1.0])
+    notes = []
+    if rng.random() < 0.5:
+        img = nib.Nifti2Image(arr, affine)
+        raw = bytearray(img.to_bytes())
+        for _ in range(rng.randint(1, 3)):
+            name = rng.choice(sorted(_NIFTI2_FIELDS))
+            offset, fmt = _NIFTI2_FIELDS[name]
+            if fmt in "qih":
+                value = rng.choice([-(2**40), -5, -1, 0, 1, 3, 7, 8, 4000, 2**31, 2**40, 2**62])
+                value = max(-32768, min(32767, value)) if fmt == "h" else value
+                value = max(-(2**31), min(2**31 - 1, value)) if fmt == "i" else value
+            else:
+                value = rng.choice(_WEIRD_FLOATS)
+            struct.pack_into("<" + fmt, raw, offset, value)
+            notes.append(f"{name}={value}")
+        kind = "nifti2"
+    else:
+        img = nib.Nifti1Image(arr, affine, header=nib.Nifti1Header(endianness=">"))
+        raw = bytearray(img.to_bytes())
+        name = rng.choice(sorted(_NIFTI_FIELDS))
+        offset, fmt = _NIFTI_FIELDS[name]
+        value = rng.choice(_WEIRD_INTS) if fmt in "hi" else rng.choice(_WEIRD_FLOATS)
+        value = max(-32768, min(32767, value)) if fmt == "h" else value
+        struct.pack_into(">" + fmt, raw, offset, value)
+        notes.append(f"big-endian {name}={value}")
+        kind = "nifti1-be"
+    body, body_note = _mutate_body(rng, bytes(raw[544 if kind == "nifti2" else 352 :]))
+    raw = bytes(raw[: 544 if kind == "nifti2" else 352]) + body
+    if body_note:
+        notes.append(body_note)
+    ext = rng.choice([".nii", ".nii.gz"])
+    case = Case(name=f"case{index}", target=f"case{index}{ext}")
+    case.files[case.target] = _gz(raw) if ext == ".nii.gz" else raw
+    case.note = f"{kind} {ext}: " + ", ".join(notes)
+    return case
+
+
+# -------------------------------------------------------------------------------------------- MetaImage
+
+_MET_TYPES = {"uint8": "MET_UCHAR", "int16": "MET_SHORT", "uint16": "MET_USHORT", "int32": "MET_INT",
+              "float32": "MET_FLOAT", "float64": "MET_DOUBLE"}
+_DATA_FILE_TRAPS = ["/dev/zero", "/dev/stdin", "/dev/urandom", "/dev/null", "/proc/self/mem", "LIST", "LIST 2D",
+                    "case%03d.raw 1 3 1", "missing.raw", ".", "..", "local", "Local", "", "fifo.raw",
+                    "zero_link.raw", "folder.raw", "../../../../../../dev/zero", "/etc/passwd", "a b.raw",
+                    "loop.raw", "/proc/self/fd/0", "/sys/kernel/notes"]
+
+
+def _mutate_body(rng: random.Random, body: bytes) -> tuple[bytes, str]:
+    r = rng.random()
+    if r < 0.25:
+        cut = rng.randint(0, max(len(body) - 1, 0))
+        return body[:cut], f"body cut to {cut}"
+    if r < 0.35:
+        b = bytearray(body)
+        for _ in range(rng.randint(1, 16)):
+            if b:
+                b[rng.randrange(len(b))] = rng.randrange(256)
+        return bytes(b), "body bytes flipped"
+    if r < 0.4:
+        return bytes(rng.randrange(256) for _ in range(rng.randint(0, 64))), "body random"
+    if r < 0.45:
+        return body + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64))), "body extended"
+    return body, ""
+
+
+def _traps(case: Case, rng: random.Random) -> None:
+    """Files the data-file traps point to: a fifo, a link to /dev/zero, a folder."""
+    case.fifos.append("fifo.raw")
+    case.links["zero_link.raw"] = "/dev/zero"
+    case.links["loop.raw"] = "loop.raw"  # a link to itself
+    case.folders.append("folder.raw")
+
+
+def _mutate_fields(rng: random.Random, fields: list[list[str]], values: dict[str, list], sep: str) -> str:
+    """Mutate a list of ``[key, value]`` header fields in place; return what was done."""
+    r = rng.random()
+    keys = [f[0] for f in fields]
+    if r < 0.55:
+        key = rng.choice(sorted(values))
+        value = str(rng.choice(values[key]))
+        if key in keys:
+            fields[keys.index(key)][1] = value
+        else:
+            fields.insert(rng.randint(0, len(fields) - 1), [key, value])
+        return f"{key}={value[:40]}"
+    if r < 0.62 and fields:
+        i = rng.randrange(len(fields))
+        fields.insert(i, [fields[i][0], str(rng.choice(values.get(fields[i][0], ["7"])))])
+        return f"duplicate {fields[i][0]}"
+    if r < 0.69 and len(fields) > 1:
+        i = rng.randrange(len(fields) - 1)
+        removed = fields.pop(i)
+        return f"removed {removed[0]}"
+    if r < 0.75 and len(fields) > 1:
+        i = rng.randrange(len(fields) - 1)
+        fields[i][0] = rng.choice([fields[i][0].lower(), fields[i][0].upper(), fields[i][0] + "x"])
+        return f"renamed {fields[i][0]}"
+    if r < 0.81 and len(fields) > 2:
+        i, j = rng.sample(range(len(fields) - 1), 2)
+        fields[i], fields[j] = fields[j], fields[i]
+        return "swapped fields"
+    if r < 0.87:
+        junk = rng.choice(["garbage", "# comment", "\x00\x01\x02", "A" * 100000, "key" + sep + "\xff\xfe",
+                           "Unknown" + sep + "1 2 3", sep + " value", "  "])
+        fields.insert(rng.randint(0, len(fields) - 1), [junk, None])
+        return f"junk line {junk[:12]!r}"
+    if r < 0.93 and fields:
+        i = rng.randrange(len(fields))
+        if fields[i][1] is not None:
+            fields[i][1] = fields[i][1] + rng.choice([" 1", " nan", "x", " " * 3, "\t2"])
+        return f"appended to {fields[i][0]}"
+    i = rng.randrange(len(fields)) if fields else 0
+    if fields and fields[i][1] is not None:
+        fields[i][1] = "".join(rng.choice("0123456789 .-+eE") for _ in range(rng.randint(0, 12)))
+        return f"random number in {fields[i][0]}"
+    return "nothing"
+
+
+def metaimage_case(rng: random.Random, index: int) -> Case:
+    arr = _base_array(rng)
+    spacing = [round(rng.uniform(0.3, 4.0), 3) for _ in range(3)]
+    detached = rng.random() < 0.5
+    ext = ".mhd" if detached and rng.random() < 0.8 else ".mha"
+    compressed = rng.random() < 0.4
+    body = arr.tobytes(order="F")
+    if compressed:
+        body = zlib.compress(body)
+    stem = f"case{index}"
+    data_name = stem + (".zraw" if compressed else ".raw")
+    fields = [["ObjectType", "Image"], ["NDims", "3"], ["BinaryData", "True"], ["BinaryDataByteOrderMSB", "False"],
+              ["CompressedData", "True" if compressed else "False"]]
+    if compressed:
+        fields.append(["CompressedDataSize", str(len(body))])
+    fields += [["TransformMatrix", "1 0 0 0 1 0 0 0 1"], ["Offset", "0 0 0"], ["CenterOfRotation", "0 0 0"],
+               ["AnatomicalOrientation", "RAI"], ["ElementSpacing", " ".join(map(str, spacing))],
+               ["DimSize", " ".join(map(str, arr.shape))], ["ElementType", _MET_TYPES[str(arr.dtype)]],
+               ["ElementDataFile", data_name if detached else "LOCAL"]]
+    values = {
+        "NDims": [-3, -1, 0, 1, 2, 3, 4, 5, 6, 10, 100000, 2**31, "abc", "3.0", ""],
+        "DimSize": ["1024 1024 1024", "4000 4000 100", "4 -5 6", "0 5 6", "4 5", "4 5 6 7", "4.5 5 6", "0x6 5 5",
+                    "99999999999 9 9", "-1 -1 -1", " ".join(str(s) for s in arr.shape[::-1])],
+        "ElementType": ["MET_UCHAR", "MET_FLOAT", "MET_DOUBLE", "MET_LONG_LONG", "MET_UCHAR_ARRAY", "MET_STRING",
+                        "MET_OTHER", "met_uchar", "MET_ASCII_CHAR", ""],
+        "ElementSpacing": ["nan 1 1", "inf 1 1", "0 1 1", "-1 1 1", "6.7e7 1 1", "2e-10 2e-10 2e-10", "1 1",
+                           "1 1 1 1", "1e400 1 1", "1abc 1 1"],
+        "ElementSize": ["0 0 0", "1 2 3", "nan nan nan"],
+        "TransformMatrix": ["0 0 0 0 0 0 0 0 0", "1 0 0 1 0 0 0 0 1", "nan 0 0 0 1 0 0 0 1", "1 0 0 0 1 0",
+                            "0 1 0 1 0 0 0 0 1", "1e300 0 0 0 1e300 0 0 0 1e300"],
+        "Offset": ["nan 0 0", "1e308 1e308 1e308", "0 0", "1 2 3"],
+        "Position": ["5 5 5"],
+        "ElementDataFile": _DATA_FILE_TRAPS + [data_name, "LOCAL"],
+        "HeaderSize": [-1, -2, 0, 16, 10**12, -10**6],
+        "CompressedData": ["True", "False", "yes", "1"],
+        "CompressedDataSize": [0, -1, 1, 10**15, len(body) + 1],
+        "BinaryData": ["False", "True", "maybe"],
+        "ElementNumberOfChannels": [0, 1, 3, -1, 10**9],
+        "ObjectType": ["Image", "Tube", "", "image"],
+        "AnatomicalOrientation": ["RAI", "R", "????????????", "XYZ", "RA", "LPS" * 100],
+        "ElementByteOrderMSB": ["True", "False", "x"],
+        "HeaderSizePerSlice": [0, 4, -1],
+    }
+    notes = [_mutate_fields(rng, fields, values, "=") for _ in range(rng.randint(1, 3))]
+    body, body_note = _mutate_body(rng, body)
+    if body_note:
+        notes.append(body_note)
+    lines = []
+    for key, value in fields:
+        lines.append(key if value is None else f"{key} = {value}")
+    header = ("\n".join(lines) + "\n").encode("latin-1", "replace")
+    case = Case(name=stem, target=stem + ext)
+    _traps(case, rng)
+    if detached:
+        case.files[stem + ext] = header
+        case.files[data_name] = body
+    else:
+        case.files[stem + ext] = header + body
+    case.note = f"metaimage {ext}{' compressed' if compressed else ''}: " + ", ".join(notes)
+    return case
+
+
+# ------------------------------------------------------------------------------------------------- NRRD
+
+_NRRD_TYPES = {"uint8": "uint8", "int16": "short", "uint16": "ushort", "int32": "int", "float32": "float",
+               "float64": "double"}
+
+
+def nrrd_case(rng: random.Random, index: int) -> Case:
+    arr = _base_array(rng)
+    spacing = [round(rng.uniform(0.3, 4.0), 3) for _ in range(3)]
+    detached = rng.random() < 0.4
+    ext = ".nhdr" if detached and rng.random() < 0.8 else ".nrrd"
+    encoding = rng.choice(["raw", "gzip", "ascii"])
+    raw = arr.tobytes(order="F")
+    if encoding == "gzip":
+        body = _gz(raw)
+    elif encoding == "ascii":
+        body = (" ".join(str(v) for v in arr.ravel(order="F")) + "\n").encode()
+    else:
+        body = raw
+    stem = f"case{index}"
+    data_name = stem + ".raw" + (".gz" if encoding == "gzip" else "")
+    fields = [["type", _NRRD_TYPES[str(arr.dtype)]], ["dimension", "3"], ["space", "left-posterior-superior"],
+              ["sizes", " ".join(map(str, arr.shape))],
+              ["space directions", f"({spacing[0]},0,0) (0,{spacing[1]},0) (0,0,{spacing[2]})"],
+              ["kinds", "domain domain domain"], ["endian", "little"], ["encoding", encoding],
+              ["space origin", "(0,0,0)"]]
+    if detached:
+        fields.append(["data file", data_name])
+    values = {
+        "dimension": [-3, 0, 1, 2, 3, 4, 5, 6, 17, 100000, "x"],
+        "sizes": ["1024 1024 1024", "4000 4000 100", "4 -5 6", "0 5 6", "4 5", "4 5 6 7", "99999999999 9 9"],
+        "type": ["uchar", "float", "double", "block", "int128", "unsigned long long", ""],
+        "encoding": ["raw", "gzip", "bzip2", "ascii", "hex", "zstd", "none"],
+        "endian": ["little", "big", "middle"],
+        "space directions": ["(0,0,0) (0,1,0) (0,0,1)", "(1,0,0) (1,0,0) (0,0,1)", "(nan,0,0) (0,1,0) (0,0,1)",
+                             "none (0,1,0) (0,0,1)", "(1,0,0) (0,1,0)", "(1,0) (0,1) (1,1)",
+                             "(1e300,0,0) (0,1e300,0) (0,0,1e300)"],
+        "spacings": ["nan 1 1", "0 1 1", "-1 1 1", "6.7e7 1 1", "2e-10 1 1", "1 1"],
+        "space origin": ["(nan,0,0)", "(0,0)", "(1e308,1e308,1e308)", "0 0 0"],
+        "space": ["right-anterior-superior", "scanner-xyz", "nonsense", "right-anterior-superior-time"],
+        "space dimension": [-1, 0, 2, 3, 4, 100],
+        "kinds": ["vector domain domain", "RGB-color domain domain", "domain domain", "bogus domain domain"],
+        "data file": _DATA_FILE_TRAPS + [data_name],
+        "byte skip": [-1, -2, 0, 16, 10**12],
+        "line skip": [-1, 0, 3, 10**9],
+        "measurement frame": ["(1,0,0) (0,1,0) (0,0,1)", "(nan,0,0)"],
+    }
+    notes = [_mutate_fields(rng, fields, values, ": ") for _ in range(rng.randint(1, 3))]
+    body, body_note = _mutate_body(rng, body)
+    if body_note:
+        notes.append(body_note)
+    magic = rng.choice(["NRRD0004"] * 9 + ["NRRD0001", "NRRD0009", "NRRX0004"])
+    lines = [magic] + [key if value is None else f"{key}: {value}" for key, value in fields]
+    header = "\n".join(lines) + "\n"
+    if rng.random() < 0.05:
+        header = header.rstrip("\n")
+        notes.append("no blank line")
+    elif not detached or ext == ".nrrd":
+        header += "\n"
+    case = Case(name=stem, target=stem + ext)
+    _traps(case, rng)
+    header_bytes = header.encode("latin-1", "replace")
+    if detached:
+        case.files[stem + ext] = header_bytes
+        case.files[data_name] = body
+    else:
+        case.files[stem + ext] = header_bytes + body
+    case.note = f"nrrd {ext} {encoding}: " + ", ".join(notes)
+    return case
+
+
+def junk_case(rng: random.Random, index: int) -> Case:
+    ext = rng.choice([".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr", ".dcm"])
+    r = rng.random()
+    if r < 0.3:
+        data = bytes(rng.randrange(256) for _ in range(rng.randint(0, 2048)))
+        note = "random bytes"
+    elif r < 0.5:
+        data = _gz(bytes(rng.randrange(256) for _ in range(rng.randint(0, 2048))))
+        note = "gzip of random bytes"
+    elif r < 0.7:
+        data = b"\x00" * 128 + b"DICM" + bytes(rng.randrange(256) for _ in range(rng.randint(0, 512)))
+        note = "DICM preamble and junk"
+    else:
+        data = b""
+        note = "empty file"
+    case = Case(name=f"case{index}", target=f"case{index}{ext}")
+    case.files[case.target] = data
+    case.note = f"junk {ext}: {note}"
+    return case
+
+
+def special_target_case(rng: random.Random, index: int) -> Case:
+    """The file to open is itself a link to a device, a fifo or a folder with a scan's extension."""
+    ext = rng.choice([".nii", ".nii.gz", ".mha", ".nrrd", ".dcm"])
+    case = Case(name=f"case{index}", target=f"case{index}{ext}")
+    r = rng.random()
+    if r < 0.4:
+        case.links[case.target] = rng.choice(["/dev/zero", "/dev/stdin", "/dev/urandom", "/dev/null"])
+        case.note = f"target -> {case.links[case.target]}"
+    elif r < 0.7:
+        case.fifos.append(case.target)
+        case.note = "target is a fifo"
+    else:
+        case.folders.append(case.target)
+        case.note = "target is a folder"
+    return case
+
+
+GENERATORS = [(nifti_case, 0.28), (nifti2_case, 0.06), (metaimage_case, 0.3), (nrrd_case, 0.26), (junk_case, 0.06),
+              (special_target_case, 0.04)]
+
+
+def make_case(seed: int, index: int) -> Case:
+    rng = random.Random(seed * 1_000_003 + index)
+    r, acc = rng.random(), 0.0
+    for gen, weight in GENERATORS:
+        acc += weight
+        if r < acc:
+            return gen(rng, index)
+    return GENERATORS[0][0](rng, index)
+
+
+# ------------------------------------------------------------------------------------ explicit cases
+
+
+def explicit_cases() -> list[Case]:
+    """One case per crash class the hostile tester found; each must be refused with the given phrase."""
+    arr = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
+    raw = arr.tobytes(order="F")
+
+    def mha(name, ndims="3", dims="4 5 6", extra="", datafile="LOCAL", body=raw, ext=".mha"):
+        header = (f"ObjectType = Image\nNDims = {ndims}\nDimSize = {dims}\nElementType = MET_UCHAR\n"
+                  f"ElementSpacing = 1 1 1\n{extra}ElementDataFile = {datafile}\n").encode()
+        return Case(name=name, target=name + ext, files={name + ext: header + (body if datafile == "LOCAL" else b"")})
+
+    cases = [
+        mha("ndims_negative", ndims="-3"),
+        mha("ndims_zero", ndims="0", dims=""),
+        mha("ndims_huge", ndims="100000"),
+        mha("ndims_int_max", ndims=str(2**31 - 1)),
+        mha("dim_negative", dims="4 -5 6"),
+        mha("dim_zero", dims="4 0 6"),
+        mha("devzero", datafile="/dev/zero", dims="1024 1024 1024", ext=".mhd"),
+        mha("devstdin", datafile="/dev/stdin", ext=".mhd"),
+    ]
+    cases[0].expect = cases[1].expect = cases[2].expect = cases[3].expect = "NDims"
+    cases[4].expect = "size -5"
+    cases[5].expect = "size 0"
+    cases[6].expect = "/dev/zero"
+    cases[7].expect = "/dev/stdin"
+    bomb = zlib.compress(bytes(1 << 22), 9)  # 4 MiB of zeros in about 4 KB
+    c = mha("compressed_1024cubed", dims="1024 1024 1024", body=bomb,
+            extra=f"CompressedData = True\nCompressedDataSize = {len(bomb)}\n")
+    c.expect = "cannot decode"
+    cases.append(c)
+    h = nifti_header(arr)
+    struct.pack_into("<3h", h, 42, 4000, 4000, 100)
+    cases.append(Case(name="nii_stub_4000x4000x100", target="stub.nii",
+                      files={"stub.nii": bytes(h) + bytes(4) + bytes(5000)}, expect="truncated"))
+    h = nifti_header(arr)
+    struct.pack_into("<12f", h, 280, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0)  # axes i and j both along x
+    cases.append(Case(name="degenerate_affine", target="degenerate.nii",
+                      files={"degenerate.nii": bytes(h) + bytes(4) + raw}, expect="parallel axes"))
+    h = nifti_header(arr)
+    struct.pack_into("<h", h, 44, -5)
+    cases.append(Case(name="nii_negative_dim", target="negdim.nii",
+                      files={"negdim.nii": bytes(h) + bytes(4) + raw}, expect="size -5"))
+    h = nifti_header(arr)
+    struct.pack_into("<h", h, 40, -1)
+    cases.append(Case(name="nii_negative_ndim", target="negndim.nii",
+                      files={"negndim.nii": bytes(h) + bytes(4) + raw}))
+    nrrd = ("NRRD0004\ntype: uchar\ndimension: 3\nsizes: 4 5 6\nencoding: raw\ndata file: /dev/zero\n").encode()
+    cases.append(Case(name="nhdr_devzero", target="z.nhdr", files={"z.nhdr": nrrd}, expect="/dev/zero"))
+    for c in cases:
+        c.note = "explicit: " + c.name
+    return cases
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def write_case(case: Case, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for sub in case.folders:
+        (folder / sub).mkdir(exist_ok=True)
+    for name, data in case.files.items():
+        (folder / name).write_bytes(data)
+    for name, target in case.links.items():
+        link = folder / name
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(target)
+    for name in case.fifos:
+        path = folder / name
+        if not path.exists():
+            os.mkfifo(path)
+    return folder / case.target
+
+
+def is_our_sentence(message: str, path: Path) -> bool:
+    """One sentence of ours: ``Cannot open <path>: <reason>.`` on one line, no library words."""
+    return (
+        message.startswith(f"Cannot open {path}: ")
+        and message.endswith(".")
+        and "\n" not in message
+        and ". " not in message[len(f"Cannot open {path}: "):]
+        and not LIBRARY_MARKERS.search(message)
+    )
+
+
+def _classify(fn, path: Path) -> tuple[str, str]:
+    from napari_spinesegdiff.io.readers import VolumeReadError
+
+    try:
+        fn()
+    except VolumeReadError as exc:
+        message = str(exc)
+        return ("refused" if is_our_sentence(message, path) else "foreign"), message
+    except Exception as exc:  # noqa: BLE001 - that is what is counted
+        return "foreign", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return "opened", ""
+
+
+def _child(path: Path, mem_bytes: int, timeout: float, out_fd: int) -> None:
+    """Runs in the forked child: cap memory, read both ways, report one JSON line, exit without cleanup."""
+    import warnings
+
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(int(timeout) + 5)  # a backstop; the parent kills at `timeout`
+    try:
+        status = Path("/proc/self/status").read_text()
+        base = int(re.search(r"VmSize:\s+(\d+)", status).group(1)) * 1024
+    except (OSError, AttributeError):
+        base = 0
+    resource.setrlimit(resource.RLIMIT_AS, (base + mem_bytes, base + mem_bytes))
+    warnings.simplefilter("ignore")
+    from napari_spinesegdiff._reader import napari_get_reader
+    from napari_spinesegdiff.io.readers import read_volume
+
+    result = {}
+    result["read_volume"] = _classify(lambda: read_volume(path), path)
+
+    def napari_path():
+        reader = napari_get_reader(str(path))
+        if reader is None:
+            raise LookupError("napari_get_reader declined the file")
+        layers = reader(str(path))
+        if not layers:
+            raise LookupError("the reader returned no layers")
+
+    outcome = _classify(napari_path, path)
+    if outcome[0] == "foreign" and outcome[1].startswith("LookupError: napari_get_reader declined"):
+        outcome = ("declined", outcome[1])
+    result["napari"] = outcome
+    os.write(out_fd, (json.dumps(result) + "\n").encode())
+    os._exit(0)
+
+
+@dataclass
+class Running:
+    index: int
+    case: Case
+    path: Path
+    pid: int
+    fd: int
+    started: float
+    chunks: list = field(default_factory=list)
+
+
+def _start(case: Case, index: int, root: Path, mem_bytes: int, timeout: float, stdin_fd: int,
+           quiet_children: bool = True) -> Running:
+    path = write_case(case, root / f"c{index:05d}")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            os.dup2(stdin_fd, 0)  # a pipe the parent never writes to: reading /dev/stdin blocks (a hang)
+            if quiet_children:  # libraries' own chatter (ITK warnings, nibabel's header fixes)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+            _child(path, mem_bytes, timeout, w)
+        except BaseException:  # noqa: BLE001
+            try:
+                os.write(w, json.dumps({"child_error": traceback.format_exc()[-2000:]}).encode() + b"\n")
+            finally:
+                os._exit(3)
+    os.close(w)
+    return Running(index, case, path, pid, r, time.monotonic())
+
+
+def _finish(run: Running, timed_out: bool) -> dict:
+    if timed_out:
+        try:
+            os.kill(run.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _, status, usage = os.wait4(run.pid, 0)
+    while True:
+        try:
+            chunk = os.read(run.fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        run.chunks.append(chunk)
+    os.close(run.fd)
+    text = b"".join(run.chunks).decode(errors="replace").strip()
+    record = {"index": run.index, "case": run.case.name, "note": run.case.note, "target": str(run.path),
+              "seconds": round(time.monotonic() - run.started, 3), "peak_rss_kb": int(usage.ru_maxrss)}
+    if timed_out:
+        record["outcome"] = "hung"
+        return record
+    if os.WIFSIGNALED(status):
+        record["outcome"], record["detail"] = "crashed", f"signal {os.WTERMSIG(status)}"
+        return record
+    try:
+        result = json.loads(text.splitlines()[-1]) if text else {}
+    except json.JSONDecodeError:
+        result = {}
+    if "read_volume" not in result:
+        record["outcome"] = "crashed"
+        record["detail"] = f"exit {os.WEXITSTATUS(status)} " + str(result.get("child_error", text))[-500:]
+        return record
+    paths = {k: tuple(v) for k, v in result.items()}
+    record["paths"] = {k: v[0] for k, v in paths.items()}
+    record["messages"] = {k: v[1] for k, v in paths.items() if v[1]}
+    outcomes = [v[0] for v in paths.values() if v[0] != "declined"]
+    for worst in ("foreign", "refused", "opened"):
+        if worst in outcomes:
+            record["outcome"] = worst
+            break
+    else:
+        record["outcome"] = "refused"
+    if os.WEXITSTATUS(status) != 0:
+        record["outcome"], record["detail"] = "crashed", f"exit {os.WEXITSTATUS(status)}"
+    return record
+
+
+def run_cases(cases: list[Case], workers: int = 1, timeout: float = 20.0, mem_gib: float = 2.0,
+              keep: Path | None = None, progress: bool = True, quiet_children: bool = True) -> list[dict]:
+    """Run every case in its own forked child; return one record per case (in case order)."""
+    import SimpleITK  # noqa: F401 - imported once here, so each child starts with it loaded
+
+    import napari_spinesegdiff._reader  # noqa: F401
+    import napari_spinesegdiff.io.readers  # noqa: F401
+
+    root = Path(tempfile.mkdtemp(prefix="spinesegdiff-fuzz-", dir=keep))
+    stdin_r, stdin_w = os.pipe()
+    mem_bytes = int(mem_gib * 2**30)
+    records: list[dict] = []
+    pending = list(enumerate(cases))
+    running: dict[int, Running] = {}
+    t0 = time.monotonic()
+    reported = 0
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                index, case = pending.pop(0)
+                run = _start(case, index, root, mem_bytes, timeout, stdin_r, quiet_children)
+                running[run.fd] = run
+            ready, _, _ = select.select(list(running), [], [], 0.05)
+            for fd in ready:
+                run = running[fd]
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    run.chunks.append(chunk)
+                    continue
+                records.append(_finish(running.pop(fd), timed_out=False))
+            now = time.monotonic()
+            for fd, run in list(running.items()):
+                if now - run.started > timeout:
+                    records.append(_finish(running.pop(fd), timed_out=True))
+            if progress and len(records) >= reported + 250:
+                reported = len(records) - len(records) % 250
+                done = Counter(r["outcome"] for r in records)
+                print(f"  {len(records)}/{len(cases)} cases, {time.monotonic() - t0:.0f} s: {dict(done)}",
+                      file=sys.stderr, flush=True)
+    finally:
+        os.close(stdin_w)
+        os.close(stdin_r)
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    records.sort(key=lambda r: r["index"])
+    return records
+
+
+def summarize(records: list[dict], seconds: float) -> dict:
+    counts = Counter(r["outcome"] for r in records)
+    per_path: dict[str, Counter] = {}
+    for r in records:
+        for name, outcome in r.get("paths", {}).items():
+            per_path.setdefault(name, Counter())[outcome] += 1
+    return {
+        "cases": len(records),
+        **{k: counts.get(k, 0) for k in OUTCOMES},
+        "per_path": {k: dict(v) for k, v in per_path.items()},
+        "peak_rss_mib": round(max((r["peak_rss_kb"] for r in records), default=0) / 1024, 1),
+        "seconds": round(seconds, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=2000, help="random cases (default 2000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--explicit", action="store_true", help="also run the named crash-class cases")
+    ap.add_argument("--workers", type=int, default=1, help="cases run at once (default 1)")
+    ap.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as hung")
+    ap.add_argument("--mem-gib", type=float, default=2.0, help="address space a case may add (RLIMIT_AS)")
+    ap.add_argument("--json", type=Path, help="write the summary and every record here")
+    ap.add_argument("--keep", type=Path, help="keep the case files under this folder")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    ap.add_argument("--library-output", action="store_true", help="let the children print libraries' warnings")
+    args = ap.parse_args(argv)
+
+    cases = (explicit_cases() if args.explicit else []) + [make_case(args.seed, i) for i in range(args.cases)]
+    t0 = time.monotonic()
+    records = run_cases(cases, workers=args.workers, timeout=args.timeout, mem_gib=args.mem_gib, keep=args.keep,
+                        progress=not args.quiet, quiet_children=not args.library_output)
+    summary = summarize(records, time.monotonic() - t0)
+    bad = [r for r in records if r["outcome"] in ("foreign", "crashed", "hung")]
+    expected_misses = []
+    for r, case in zip(records, cases):
+        if case.expect is not None:
+            messages = " ".join(r.get("messages", {}).values())
+            if r["outcome"] != "refused" or case.expect not in messages:
+                expected_misses.append(r)
+    summary["explicit_misses"] = len(expected_misses)
+    print(json.dumps(summary))
+    for r in (bad + expected_misses)[:40]:
+        print(f"{r['outcome']:8s} {r['note'][:120]} :: {r.get('detail') or r.get('messages')}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "records": records}, indent=1))
+    return 1 if bad or expected_misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
