@@ -317,6 +317,99 @@ def cmd_phantom(args) -> int:
     return EXIT_OK
 
 
+# -------------------------------------------------------------------------------------------- batch
+EXIT_SOME_FAILED = 3  # batch: every scan was tried and at least one failed (see results.csv)
+
+
+def _segmentation_settings_args(p) -> None:
+    """The settings of ``segment`` that decide a result (defaults from SegmentationConfig)."""
+    from .config import SegmentationConfig
+
+    d = SegmentationConfig()
+    p.add_argument("--checkpoint", help="diffusion checkpoint (default: the shipped model)")
+    p.add_argument("--baseline-checkpoint", help="baseline presegmenter checkpoint (default: shipped)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps from t_start to 0 (default {d.steps})")
+    p.add_argument("--t-start", type=int, default=d.t_start,
+                   help=f"presegmentation noise level 0..1000 (default {d.t_start})")
+    p.add_argument("--ensemble", type=int, default=d.ensemble, help=f"stochastic samples S (default {d.ensemble})")
+    p.add_argument("--aggregate-steps", type=int, help="fuse only the last Ts steps (default all)")
+    p.add_argument("--fusion", choices=["step_uncertainty", "diffunet"], default=d.fusion)
+    p.add_argument("--uncertainty-mode", choices=["steps+prior", "steps"], default=d.uncertainty,
+                   help="steps: the paper's step-uncertainty map; steps+prior (default): its max with the "
+                        "presegmentation's own -p log p")
+    p.add_argument("--prior", choices=["baseline", "none"], default="baseline",
+                   help="baseline (default): the shipped presegmenter; none: from pure noise")
+    _blend_and_smoothing_args(p)
+    p.add_argument("--classes", type=int, help="expected number of classes (checked against the checkpoint)")
+    p.add_argument("--vertebrae", choices=["whole", "split"], default=d.vertebrae,
+                   help="whole (default): label 2 = the whole vertebra; split: 2 = vertebral body and "
+                        "4 = posterior elements (v4 models)")
+    p.add_argument("--seed", type=int, default=d.seed, help="the same seed for every scan (default 0)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=d.device)
+    p.add_argument("--slices", default=d.slices, help="all | mid | A:B (canonical left-right slice indices)")
+    p.add_argument("--batch-slices", type=int, default=d.batch_slices, help="slices denoised together (memory)")
+
+
+def _config_from_args(args):
+    from .config import SegmentationConfig
+
+    return SegmentationConfig(
+        checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint, steps=args.steps,
+        t_start=args.t_start, ensemble=args.ensemble, aggregate_steps=args.aggregate_steps,
+        fusion=args.fusion, uncertainty=args.uncertainty_mode, prior=args.prior, num_classes=args.classes,
+        device=args.device, seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
+        baseline_weight=args.baseline_weight, smooth_mm=args.smooth_mm, vertebrae=args.vertebrae,
+    )
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser(
+        "batch", help="segment a cohort: a folder, glob or table of scans -> mirrored outputs + results table",
+        description="Segment many scans with one configuration. Outputs mirror the input tree under OUTDIR "
+                    "(<name>_labels, <name>_uncertainty, <name>.json) with OUTDIR/results.parquet and "
+                    "results.csv (one row per scan: status, error, volumes, uncertainty, QA flags). Scans "
+                    "whose outputs exist for the same input, model and settings are skipped, so a stopped "
+                    "batch continues where it stopped. Exit codes: 0 every scan ok or skipped, 3 some scans "
+                    "failed (rows with their error), 2 bad arguments, 130 cancelled.")
+    p.add_argument("input", help="folder (recursive: NIfTI, MetaImage, NRRD, DICOM series folders), glob "
+                                 "pattern (quote it), or a CSV/Parquet table with a 'path' column")
+    p.add_argument("-o", "--output-dir", type=Path, required=True, help="output folder (OUTDIR)")
+    p.add_argument("--workers", type=int,
+                   help="local worker processes (default: cores // threads-per-worker, limited by memory; "
+                        "0 = in this process)")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="send the scans to a Dask distributed scheduler (tcp://host:8786), or 'local:N' for a "
+                        "LocalCluster of N worker processes; workers must see the inputs and OUTDIR at the "
+                        "same paths")
+    p.add_argument("--format", choices=["nii.gz", "nii", "mha", "nrrd"], default="nii.gz",
+                   help="output file format (default nii.gz)")
+    _segmentation_settings_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch)
+
+
+def cmd_batch(args) -> int:
+    from .batch import BatchError, run_batch
+
+    if args.workers is not None and args.workers < 0:
+        return _fail(f"--workers must be 0 or more, got {args.workers}.")
+    try:
+        cfg = _config_from_args(args)
+        summary = run_batch(args.input, args.output_dir, cfg, workers=args.workers, scheduler=args.scheduler,
+                            threads=args.threads_per_worker, suffix="." + args.format,
+                            progress=not args.no_progress)
+    except (BatchError, ValueError) as exc:
+        return _fail(str(exc))
+    ok, skipped, failed = (summary.count(s) for s in ("ok", "skipped", "failed"))
+    print(f"{len(summary.rows)} scans: {ok} ok, {skipped} skipped, {failed} failed; "
+          f"wrote {summary.parquet} and {summary.csv.name}")
+    for row in summary.rows:
+        if row.get("status") == "failed":
+            print(f"failed: {row['scan']}: {row['error']}", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinesegdiff", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spinesegdiff {__version__}")
@@ -325,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_phantom(sub)
+    _add_batch(sub)
     return parser
 
 
