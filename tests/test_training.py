@@ -238,3 +238,20 @@ def test_sampling_is_balanced_per_source_then_group():
     src = np.array([c.source for c in cases])
     assert abs(w[src == "spider"].sum() - 0.4) < 1e-9 and abs(w[src == "lumbar"].sum() - 0.4) < 1e-9
     assert abs(w[[c.group == "IVD" for c in cases]].sum() - 0.2) < 1e-9  # half of lumbar's share
+
+
+def test_stop_at_keeps_the_schedule_and_resumes(tmp_path, cases):
+    """--stop-at checkpoints mid-schedule (learning rate of the longer run) and --resume finishes it."""
+    from napari_spinesegdiff.training.train import TrainConfig, _lr_at, train
+
+    cfg = TrainConfig(kind="baseline", preset="tiny", iterations=8, batch_size=2, crop=(64, 64), lr=1e-3,
+                      warmup=2, val_every=4, seed=1, threads=1, stop_at=4)
+    train(cfg, cases[:1], cases[1:2], tmp_path, progress=False, log=lambda s: None)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["4"]
+    assert float(rows[1].split(",")[1]) == pytest.approx(_lr_at(3, cfg), rel=1e-2)  # not the end of a 4-run
+    assert torch.load(tmp_path / "last_state.pt", weights_only=True)["iteration"] == 4
+    train(TrainConfig(**{**cfg.__dict__, "stop_at": None}), cases[:1], cases[1:2], tmp_path, resume=True,
+          progress=False, log=lambda s: None)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["4", "8"]

@@ -56,6 +56,7 @@ class TrainConfig:
     init: str | None = None  # start from these weights (fine-tuning)
     prior: str | None = None  # diffusion only: a baseline checkpoint whose predictions are noised as inputs
     prior_share: float = 0.5  # share of low-t samples that start from the prior instead of the truth
+    stop_at: int | None = None  # stop (checkpointed) after this iteration, keeping the schedule of `iterations`
     data: list[str] = field(default_factory=list)
     command: str = ""
 
@@ -274,7 +275,8 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
         if new_log:
             writer.writerow(["iteration", "lr", "loss", "dice", "bce", "mse", "val_dice", "wall_s"])
         running: list[float] = []
-        for it in range(start, cfg.iterations):
+        stop = min(cfg.iterations, cfg.stop_at) if cfg.stop_at else cfg.iterations
+        for it in range(start, stop):
             for g in opt.param_groups:
                 g["lr"] = _lr_at(it, cfg)
             batch = {k: v.to(device) for k, v in next(batches).items()}
@@ -287,7 +289,7 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
-            last = it + 1 == cfg.iterations
+            last = it + 1 == stop
             if rank == 0 and ((it + 1) % cfg.val_every == 0 or last):
                 val = (validate(net, val_cases, cfg, schedule, device, prior_net=prior_net) if val_cases
                        else {"val_dice": float("nan")})
