@@ -5,7 +5,7 @@
 # Stage 4 (model v4, four channels: canal, vertebral body, disc, whole vertebra): the same plus the SPIDER
 # T2-SPACE slabs (../shared/data/spider_t2space, every structure labelled); folds in weights/splits_v4.json
 # (the lumbar folds unchanged + SPIDER folds; scripts/make_splits_v4.py); both networks start from v3, grown
-# to four channels, and run one after the other (the diffusion model's prior is the new presegmenter).
+# to four channels; the diffusion model's prior is the new presegmenter at iteration 1,000.
 # On 2 CPU cores both runs of a stage go side by side (one thread each); a GPU is used automatically.
 #
 # Stage 1 trains both networks from scratch.  Stage 2 fine-tunes them (new warm-up + cosine at 5e-4);
@@ -72,12 +72,20 @@ if [ "$STAGE" = 4 ] || [ "$STAGE" = all ]; then
     .venv/bin/python scripts/make_splits_v4.py "$DATA" src/napari_spinesegdiff/weights/splits_v4.json
     V4=(--data "lumbar:$DATA/lumbar" --data "slabs:$DATA/spider_t2space" --data phantom:40:1
         --splits src/napari_spinesegdiff/weights/splits_v4.json --fold 0 --preset small --batch-size 8
-        --crop 160 160 --threads "${THREADS:-2}" --no-progress $RESUME)
+        --crop 160 160 --no-progress)
+    # the presegmenter runs to iteration 1,000 (2 threads); then it finishes its 2,500 (1 thread) while the
+    # diffusion model trains beside it (1 thread) with the presegmenter of iteration 1,000 as its prior
+    .venv/bin/spinesegdiff train --kind baseline --iterations 2500 --stop-at 1000 --lr 5e-4 --seed 4 \
+        --val-every 500 --init "$V3/baseline.safetensors" "${V4[@]}" --threads 2 --out runs/v4_baseline \
+        >> runs/v4_baseline.log 2>&1
+    cp runs/v4_baseline/best.safetensors runs/v4_baseline_it1000.safetensors
     .venv/bin/spinesegdiff train --kind baseline --iterations 2500 --lr 5e-4 --seed 4 --val-every 500 \
-        --init "$V3/baseline.safetensors" "${V4[@]}" --out runs/v4_baseline >> runs/v4_baseline.log 2>&1
+        --init "$V3/baseline.safetensors" "${V4[@]}" --threads 1 --resume --out runs/v4_baseline \
+        >> runs/v4_baseline.log 2>&1 &
     .venv/bin/spinesegdiff train --kind diffusion --iterations 1200 --lr 3e-4 --seed 5 --val-every 300 \
-        --init "$V3/diffusion.safetensors" --prior runs/v4_baseline/best.safetensors --prior-share 0.8 \
-        "${V4[@]}" --out runs/v4_diffusion >> runs/v4_diffusion.log 2>&1
+        --init "$V3/diffusion.safetensors" --prior runs/v4_baseline_it1000.safetensors --prior-share 0.8 \
+        "${V4[@]}" --threads 1 --out runs/v4_diffusion >> runs/v4_diffusion.log 2>&1 &
+    wait
     cp runs/v4_baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
     cp runs/v4_diffusion/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
 fi
