@@ -6,9 +6,12 @@ Exit codes: 0 success, 1 unexpected error, 2 bad input or arguments (one sentenc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,13 +24,6 @@ EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"spinesegdiff: error: {message}", file=sys.stderr)
     return code
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------ segment
@@ -76,19 +72,101 @@ def _blend_and_smoothing_args(p) -> None:
                         f"labelling (0 = off; default {d.smooth_mm})")
 
 
+class Cancelled(KeyboardInterrupt):
+    """SIGTERM during ``segment``: handled like Ctrl+C (nothing partial is left behind)."""
+
+
+@contextlib.contextmanager
+def _sigterm_cancels():
+    """Turn SIGTERM into :class:`Cancelled` (a ``KeyboardInterrupt``) while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise Cancelled(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _segment_inputs(args, cfg, volume=None) -> dict[str, Path]:
+    """Every file the run reads (role -> path): no output may be one of them."""
+    from .io.readers import _detached_data_files, dicom_files_in, file_suffix, is_dicom_file
+    from .pipeline import SHIPPED_BASELINE, SHIPPED_DIFFUSION
+
+    inputs: dict[str, Path] = {"input scan": args.scan}
+    if volume is not None:  # the header's data file, the other half of a pair, every file of a DICOM series
+        for f in volume.meta.get("source_files", []):
+            if Path(f).resolve() != args.scan.resolve():
+                inputs[f"input scan's file {Path(f).name}"] = Path(f)
+    elif args.scan.is_file() and file_suffix(args.scan) in (".mha", ".mhd", ".nrrd", ".nhdr"):
+        for f in _detached_data_files(args.scan):
+            inputs[f"input scan's data file {f.name}"] = f
+    elif args.scan.is_dir() or is_dicom_file(args.scan):  # the DICOM files the series may be read from
+        for f in dicom_files_in(args.scan if args.scan.is_dir() else args.scan.parent, limit=5000):
+            if f.resolve() != args.scan.resolve():
+                inputs[f"input scan's file {f.name}"] = f
+    inputs["diffusion checkpoint"] = Path(cfg.checkpoint) if cfg.checkpoint else SHIPPED_DIFFUSION
+    if cfg.prior == "baseline":
+        inputs["baseline checkpoint"] = (Path(cfg.baseline_checkpoint) if cfg.baseline_checkpoint
+                                         else SHIPPED_BASELINE)
+    elif cfg.prior != "none":
+        inputs["prior labels file"] = Path(cfg.prior)
+    if args.truth is not None:
+        inputs["truth file"] = args.truth
+    return inputs
+
+
+def _segment_outputs(args, class_names=None) -> dict[str, Path]:
+    """Every file the run writes (role -> path); per-class probability files once the classes are known."""
+    outputs = {"labels": args.output, "sidecar JSON": _sidecar(args.output)}
+    if args.uncertainty is not None:
+        outputs["uncertainty map"] = args.uncertainty
+    if args.probabilities is not None:
+        if class_names is None:
+            outputs["probabilities"] = args.probabilities
+        else:
+            for name in class_names:
+                outputs[f"{name} probability map"] = _suffixed(args.probabilities, name.replace(" ", "_"))
+    return outputs
+
+
+def _check_segment_paths(args, cfg, volume=None, class_names=None) -> None:
+    from .io.outputs import check_outputs
+
+    check_outputs(_segment_outputs(args, class_names), _segment_inputs(args, cfg, volume),
+                  text_outputs=["sidecar JSON"])
+
+
+def _planned_class_names(cfg) -> list[str] | None:
+    """The diffusion checkpoint's class names, read from its metadata only (None: known after loading)."""
+    from .pipeline import SHIPPED_DIFFUSION
+
+    path = Path(cfg.checkpoint) if cfg.checkpoint else SHIPPED_DIFFUSION
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from .model.checkpoint import read_config
+
+    config = read_config(path)
+    return list(config.class_names) if config is not None else None
+
+
 def cmd_segment(args) -> int:
+    """Check every input and output path first, run the model, then write all outputs or none.
+
+    Outputs are written to temporaries beside their targets and moved into place together at the end;
+    Ctrl+C or SIGTERM at any point leaves the complete set or nothing, and no temporary file.
+    """
     from .config import SegmentationConfig
+    from .io.guard import check_signal
+    from .io.outputs import OutputSet
     from .io.readers import read_volume
-    from .io.writers import write_volume
     from .pipeline import Progress, run
 
-    outputs = [args.output] + [p for p in (args.uncertainty, args.probabilities) if p is not None]
-    for out in outputs:
-        if _same_file(out, args.scan) or (args.scan.is_dir() and out.resolve().parent == args.scan.resolve()
-                                           and out.suffix == ".dcm"):
-            return _fail(f"the output {out} is the input scan; choose another path.")
-    if not args.scan.exists():
-        return _fail(f"{args.scan} does not exist.")
     try:
         cfg = SegmentationConfig(
             checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint, steps=args.steps,
@@ -97,7 +175,14 @@ def cmd_segment(args) -> int:
             device=args.device, seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
             baseline_weight=args.baseline_weight, smooth_mm=args.smooth_mm, vertebrae=args.vertebrae,
         )
+        _check_segment_paths(args, cfg)  # cheap: before the scan is even read
+        if not args.scan.exists():
+            return _fail(f"{args.scan} does not exist.")
         volume = read_volume(args.scan, kind="image")
+        check_signal(volume)
+        truth = read_volume(args.truth, kind="labels") if args.truth is not None else None
+        class_names = _planned_class_names(cfg)
+        _check_segment_paths(args, cfg, volume, class_names)  # with the scan's own files and class names
     except ValueError as exc:
         return _fail(str(exc))
 
@@ -114,45 +199,58 @@ def cmd_segment(args) -> int:
             bar.set_postfix_str(ev.message[:60])
             bar.refresh()
 
-    try:
-        result = run(volume, cfg, callback=on_event, stream_every=0)
-    except KeyboardInterrupt:
-        return _fail("cancelled.", EXIT_CANCELLED)
-    except ValueError as exc:
-        return _fail(str(exc))
-    finally:
-        if bar is not None:
-            bar.close()
-
-    prov = dict(result.provenance)
-    written = {"labels": str(write_volume(result.labels.data, args.output, like=volume, kind="labels",
-                                          produced_by=prov))}
-    if args.uncertainty:
-        written["uncertainty"] = str(write_volume(result.uncertainty.data, args.uncertainty, like=volume,
-                                                  kind="image", produced_by=prov))
-    if args.probabilities:
-        for name, vol in zip(result.class_names, result.probabilities):
-            path = _suffixed(args.probabilities, name.replace(" ", "_"))
-            written[f"probability {name}"] = str(write_volume(vol.data, path, like=volume, kind="image",
-                                                              produced_by=prov))
-    prov["outputs"] = written
-    if args.truth:
-        prov["dice"] = _print_dice(result.labels, args.truth, cfg.vertebrae)
-    sidecar = _sidecar(args.output)
-    _write_json(sidecar, prov)
+    with _sigterm_cancels():
+        try:
+            result = run(volume, cfg, callback=on_event, stream_every=0)
+        except KeyboardInterrupt:
+            return _fail("cancelled; no output was written.", EXIT_CANCELLED)
+        except ValueError as exc:
+            return _fail(str(exc))
+        finally:
+            if bar is not None:
+                bar.close()
+        try:
+            if class_names is None:  # a checkpoint without our metadata: its classes are known only now
+                _check_segment_paths(args, cfg, volume, result.class_names)
+            prov = dict(result.provenance)
+            with OutputSet() as out:
+                written = {"labels": str(out.add_volume(result.labels.data, args.output, like=volume,
+                                                        kind="labels", produced_by=prov))}
+                if args.uncertainty:
+                    written["uncertainty"] = str(out.add_volume(result.uncertainty.data, args.uncertainty,
+                                                                like=volume, kind="image", produced_by=prov))
+                if args.probabilities:
+                    for name, vol in zip(result.class_names, result.probabilities):
+                        path = _suffixed(args.probabilities, name.replace(" ", "_"))
+                        written[f"probability {name}"] = str(out.add_volume(vol.data, path, like=volume,
+                                                                            kind="image", produced_by=prov))
+                prov["outputs"] = written
+                if truth is not None:
+                    prov["dice"] = _print_dice(result.labels, truth, cfg.vertebrae)
+                sidecar = out.add_text(_sidecar(args.output), json.dumps(prov, indent=1, default=str))
+                out.commit()
+        except KeyboardInterrupt:
+            return _fail("cancelled; no output was written.", EXIT_CANCELLED)
+        except ValueError as exc:
+            return _fail(str(exc))
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            return _fail(f"the outputs could not be written ({reason}), so none was written.", EXIT_ERROR)
     t = prov["timings"]["total_s"]
     print(f"wrote {args.output} ({len(result.slices)} slices, {t:.1f} s) and {sidecar.name}")
     return EXIT_OK
 
 
-def _print_dice(labels, truth_path: Path, vertebrae: str) -> dict[str, float]:
-    """Dice per written label against a truth file in the same scheme (phantom --vertebrae, SPIDER)."""
+def _print_dice(labels, truth_path, vertebrae: str) -> dict[str, float]:
+    """Dice per written label against a truth file (a path or the volume read from it) in the same scheme
+    (phantom --vertebrae, SPIDER)."""
     from .evaluation.metrics import dice
     from .io.labels import to_classes
     from .io.readers import read_volume
     from .labelscheme import label_names
 
-    truth = to_classes(read_volume(truth_path, kind="labels").canonical())
+    truth_volume = truth_path if hasattr(truth_path, "canonical") else read_volume(truth_path, kind="labels")
+    truth = to_classes(truth_volume.canonical())
     pred = labels.canonical()
     scores = {}
     for value, name in label_names(vertebrae).items():
@@ -210,6 +308,8 @@ def _add_train(sub) -> None:
     p.add_argument("--prior-share", type=float, default=0.5,
                    help="share of low-t samples that start from --prior (default 0.5)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last_state.pt")
+    p.add_argument("--stop-at", type=int, help="stop after this iteration (checkpointed; resume later), keeping "
+                                             "the learning-rate schedule of --iterations")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -235,7 +335,7 @@ def cmd_train(args) -> int:
                       phantom_share=args.phantom_share,
                       spacing_mm=tuple(args.spacing), val_every=args.val_every, seed=args.seed,
                       threads=args.threads, device=args.device, init=args.init, prior=args.prior,
-                      prior_share=args.prior_share, data=list(args.data),
+                      prior_share=args.prior_share, stop_at=args.stop_at, data=list(args.data),
                       command="spinesegdiff " + " ".join(sys.argv[1:]))
     best = train(cfg, train_cases, val_cases, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"best checkpoint: {best}")
