@@ -144,3 +144,25 @@ def test_label_channels_and_probabilities_of_four_and_three_channel_models():
     ch = labels_to_channels(split, CHANNELS)
     assert ch[:, 2].tolist() == [0, 1, 0, 1]  # label 2 (body): body and whole vertebra
     assert ch[:, 4].tolist() == [0, 0, 0, 1]  # label 4 (posterior elements): whole vertebra only
+
+
+def test_method_results_equal_runs_with_each_methods_settings():
+    """The evaluation derives the default (blend) from the presegmentation and diffusion runs: its labels
+    must be what a run with the default settings writes, and likewise for the other two methods."""
+    from napari_spinesegdiff.config import SegmentationConfig
+    from napari_spinesegdiff.evaluation.evaluate import _method_results, method_configs
+    from napari_spinesegdiff.phantom import make_phantom
+    from napari_spinesegdiff.pipeline import load_models, run
+
+    ph = make_phantom(seed=12)
+    cfg = SegmentationConfig(steps=2, ensemble=2, slices="4:8", batch_slices=4)
+    names = load_models(cfg).diffusion_config.class_names
+    case = EvalCase("p", "phantom", ph.image, ph.truth().canonical(), (1, 2, 3), None)
+    derived = _method_results(case, cfg, ["presegmentation", "diffusion", "default"], run, names)
+    for method, direct_cfg in method_configs(cfg).items():
+        direct = run(ph.image, direct_cfg, stream_every=0)
+        labels = derived[method][0].canonical_labels
+        agree = float((labels == direct.canonical_labels).mean())
+        assert agree > 0.9999, (method, agree)
+        assert labels[4:8].any() and not labels[:4].any()
+    assert not np.array_equal(derived["presegmentation"][2], derived["diffusion"][2])

@@ -244,17 +244,15 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
     cases = load_eval_cases(sources, test)
     if not cases:
         raise ValueError("No evaluation cases were found in the given sources and split.")
-    configs = method_configs(config, methods)
-    models = load_models(configs[methods[-1]])
+    method_configs(config, methods)  # validates the names
+    models = load_models(config.replace(prior="baseline"))
     class_names = list(models.diffusion_config.class_names)
-    can_split = ChannelRoles.of(class_names).can_split
+    vertebrae = "split" if ChannelRoles.of(class_names).can_split else "whole"
     rows, deg_rows = [], []
     rel: dict[str, dict[str, list]] = {}
     for case in cases:
-        for method, cfg in configs.items():
-            t0 = time.perf_counter()
-            res = run(case.image, cfg.replace(vertebrae="split" if can_split else "whole"), stream_every=0)
-            seconds = time.perf_counter() - t0
+        for method, (res, seconds, probs) in _method_results(case, config.replace(vertebrae=vertebrae), methods,
+                                                              run, class_names).items():
             labels = res.canonical_labels if case.vertebrae == "split" else merge_vertebrae(res.canonical_labels)
             for r in score_case(case, labels, res.canonical_uncertainty, res.canonical_class_uncertainty,
                                 class_names):
@@ -262,7 +260,7 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
             deg_rows += _degenerated_rows(case, labels, method)
             region = case.in_range if case.in_range is not None else slice(None)
             for c in case.classes:
-                prob = label_probability(res.canonical_probabilities, class_names, c, case.vertebrae)
+                prob = label_probability(probs, class_names, c, case.vertebrae)
                 d = rel.setdefault(method, {}).setdefault(case.class_name(c), [[], []])
                 d[0].append(prob[region].ravel()[::7])
                 d[1].append((case.truth == c)[region].ravel()[::7])
@@ -271,9 +269,49 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
                 + f" ({seconds:.1f} s)")
     _write_csv(out_dir / "per_case.csv", rows)
     _write_csv(out_dir / "degenerated_discs.csv", deg_rows)
-    sweep_rows = _sweep(cases[: min(2, len(cases))], config, run, can_split=can_split) if sweep else []
+    sweep_rows = _sweep(cases[: min(2, len(cases))], config, run, can_split=vertebrae == "split") if sweep else []
     _write_csv(out_dir / "sweep.csv", sweep_rows)
-    return _report(out_dir, rows, deg_rows, sweep_rows, rel, config, models, list(configs))
+    return _report(out_dir, rows, deg_rows, sweep_rows, rel, config, models, list(methods))
+
+
+def _method_results(case: EvalCase, config: SegmentationConfig, methods: Sequence[str], run,
+                    class_names: Sequence[str]) -> dict[str, tuple]:
+    """Each method's result on one case from at most two pipeline runs: the presegmentation alone
+    (``t_start = 0``) and the diffusion output alone (``baseline_weight = 0``), both unsmoothed; the default
+    is their blend.  Each method's labels are then made by the pipeline's own last stage
+    (:func:`finalize_labels`, with ``config``'s smoothing and vertebrae), which is what a run with that
+    method's settings computes (blending and smoothing are linear and commute with the resampling to the
+    scan grid; the uncertainty map does not depend on either).  Returns method -> (result with its
+    labels, seconds of the runs it needs, the final probabilities)."""
+    import dataclasses
+
+    from ..pipeline import blend_presegmentation, finalize_labels
+
+    raw = config.replace(prior="baseline", baseline_weight=0.0, smooth_mm=0.0, vertebrae="whole")
+    spacing = case.image.orientation.canonical_spacing
+    runs: dict[str, tuple] = {}
+    for name, needed, cfg in (("presegmentation", ("presegmentation", "default"), raw.replace(t_start=0)),
+                              ("diffusion", ("diffusion", "default"), raw)):
+        if any(m in methods for m in needed):
+            t0 = time.perf_counter()
+            res = run(case.image, cfg, stream_every=0)
+            runs[name] = (res, time.perf_counter() - t0)
+    out = {}
+    for method in methods:
+        if method == "default":
+            (pre, s_pre), (dif, s_dif) = runs["presegmentation"], runs["diffusion"]
+            probs = blend_presegmentation(dif.canonical_probabilities, pre.canonical_probabilities,
+                                          config.baseline_weight)
+            base, seconds = dif, s_pre + s_dif
+        else:
+            base, seconds = runs[method]
+            probs = base.canonical_probabilities
+        probs = np.array(probs, np.float32)  # finalize_labels smooths in place
+        chosen = range(base.slices[0], base.slices[-1] + 1) if base.slices else range(0)
+        labels = finalize_labels(probs, spacing, config, chosen, class_names)
+        out[method] = (dataclasses.replace(base, canonical_labels=labels, canonical_probabilities=probs), seconds,
+                       probs)
+    return out
 
 
 def _sweep(cases: Sequence[EvalCase], config: SegmentationConfig, run, n_slices: int = 3,
