@@ -113,6 +113,17 @@ def test_measure_on_truth_passes_qa_and_flags_broken_structures():
     assert not any(f.startswith("volume:") for f in partial["qa_flags"].split(";"))  # partial runs: no volume check
 
 
+@pytest.mark.parametrize("series", ["018", "041", "050", "152"])
+def test_qa_raises_no_flag_on_real_spider_truth(shared_file, series):
+    """The QA ranges against real labels: a short thecal sac (050, 152), specks of canal label (041)."""
+    truth = read_volume(shared_file(f"spider_t2space/SPIDER_{series}_t2SPACE_label.nii.gz"), kind="labels")
+    labels = truth.canonical()
+    row = batch.measure(labels, np.zeros(labels.shape, np.float32), truth.orientation.canonical_spacing,
+                        range(labels.shape[0]))
+    assert row["qa_pass"], row["qa_flags"]
+    assert 6 <= row["disc_levels"] <= 9 and 6 <= row["vertebra_levels"] <= 9
+
+
 def test_find_scans_folder_glob_and_tables(tmp_path):
     ph = make_phantom(seed=1, spacing=(3.5, 2.0, 2.0))
     (tmp_path / "in" / "s1" / "dicom").mkdir(parents=True)
@@ -246,3 +257,25 @@ def test_local_pool_and_dask_give_identical_labels(dask_out, resumed_out):
         a = read_volume(dask_out / f"{name}_labels.nii.gz", kind="labels").data
         b = read_volume(out / f"{name}_labels.nii.gz", kind="labels").data
         assert np.array_equal(a, b), name
+
+
+def _crash_or_ok(job, settings):
+    """Stands in for segment_scan in the pool test: the scan named 'crash' kills its worker process."""
+    if job.name == "crash":
+        os._exit(3)
+    row = batch._base_row(job, settings)
+    row.update(status="ok")
+    return row
+
+
+def test_a_scan_that_kills_its_worker_is_one_failed_row(tmp_path):
+    from napari_spinesegdiff.config import SegmentationConfig
+
+    settings = batch.BatchSettings(str(tmp_path), SegmentationConfig(), "model", None, "settings")
+    jobs = [batch.ScanJob(str(tmp_path / f"{n}.nii.gz"), n) for n in ("a", "crash", "b", "c", "d")]
+    rows = []
+    batch._run_pool(jobs, settings, 2, rows.append, fn=_crash_or_ok)
+    status = {r["scan"]: r["status"] for r in rows}
+    assert status == {"a": "ok", "crash": "failed", "b": "ok", "c": "ok", "d": "ok"}
+    crash = next(r for r in rows if r["scan"] == "crash")
+    assert "worker process died" in crash["error"]

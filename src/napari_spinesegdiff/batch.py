@@ -23,12 +23,13 @@ QA (columns ``qa_flags`` and ``qa_pass``), see :func:`measure`:
 * ``missing:<structure>``: no voxel of a structure on the segmented slices;
 * ``volume:<structure>``: total volume outside :data:`PLAUSIBLE_ML` (checked only when every slice was
   segmented, since a partial run measures partial volumes);
-* ``canal_pieces:<n>``: the spinal canal is more than one 3-D component (with the default
+* ``canal_pieces:<n>``: the spinal canal is more than one 3-D component of at least
+  :data:`CANAL_PIECE_SHARE` of the largest (with the default
   ``single_canal`` the pipeline keeps the largest piece, so a break shows as ``canal_short`` instead);
 * ``canal_short``: the canal covers less than :data:`CANAL_MIN_COVER` of the superior-inferior span of
   the discs;
 * ``levels:discs=<n>`` / ``levels:vertebrae=<n>`` / ``levels:mismatch``: the number of discs or vertebral
-  bodies (3-D components at least :data:`LEVEL_MIN_SHARE` of the largest of their class; with whole
+  bodies (face-connected 3-D components at least :data:`LEVEL_MIN_SHARE` of the largest of their class; with whole
   vertebrae, the part of label 2 anterior to the canal) is outside :data:`EXPECTED_DISCS` /
   :data:`EXPECTED_VERTEBRAE`, or they differ by more than :data:`MAX_LEVEL_MISMATCH`.
 
@@ -85,8 +86,11 @@ EXPECTED_VERTEBRAE = (4, 11)
 MAX_LEVEL_MISMATCH = 2
 #: A 3-D component counts as a level when its volume is at least this share of the largest one of its class.
 LEVEL_MIN_SHARE = 0.2
-#: The canal must cover at least this share of the rows between the highest and the lowest disc.
-CANAL_MIN_COVER = 0.75
+#: The canal must cover at least this share of the rows between the highest and the lowest disc (the
+#: thecal sac may end above the lowest disc in view: SPIDER truth 0.63-1.0).
+CANAL_MIN_COVER = 0.6
+#: Pieces of the canal count when they are at least this share of the largest (specks do not).
+CANAL_PIECE_SHARE = 0.05
 #: Half-width (mm, in-plane) of the band around label boundaries for ``uncertainty_score``.
 BAND_MM = 2.0
 
@@ -99,7 +103,7 @@ COLUMNS: dict[str, str] = {
     **{f"{s}_{m}": "float64" for s in STRUCTURES.values() for m in ("ml", "unc_mean", "unc_max")},
     "canal_pieces": "int64", "vertebra_levels": "int64", "disc_levels": "int64",
     "uncertainty_score": "float64", "qa_flags": "string", "qa_pass": "bool",
-    "worker": "string", "finished": "string",
+    "worker": "string", "peak_rss_mb": "float64", "finished": "string",
 }
 
 
@@ -425,19 +429,21 @@ def prepare(config: SegmentationConfig, outdir: str | os.PathLike, threads: int 
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+def _count(mask: np.ndarray, share: float, full: bool) -> int:
+    """3-D components (face- or fully-connected) at least ``share`` of the largest one."""
     from scipy import ndimage
 
-    return ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-
-
-def _levels(mask: np.ndarray) -> int:
-    """3-D components at least :data:`LEVEL_MIN_SHARE` of the largest one."""
-    lab, n = _components(mask)
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool) if full else None)
     if n == 0:
         return 0
     sizes = np.bincount(lab.ravel())[1:]
-    return int((sizes >= LEVEL_MIN_SHARE * sizes.max()).sum())
+    return int((sizes >= share * sizes.max()).sum())
+
+
+def _levels(mask: np.ndarray) -> int:
+    """Face-connected 3-D components at least :data:`LEVEL_MIN_SHARE` of the largest one (neighbouring
+    discs or bodies may touch at a corner, not across a face)."""
+    return _count(mask, LEVEL_MIN_SHARE, full=False)
 
 
 def _anterior_of_canal(labels: np.ndarray) -> np.ndarray | None:
@@ -503,7 +509,7 @@ def measure(labels: np.ndarray, uncertainty: np.ndarray, spacing: tuple[float, f
             lo, hi = PLAUSIBLE_ML[name]
             if not lo <= ml <= hi:
                 flags.append(f"volume:{name}")
-    row["canal_pieces"] = int(_components(lab == 1)[1])
+    row["canal_pieces"] = _count(lab == 1, CANAL_PIECE_SHARE, full=True)
     if row["canal_pieces"] > 1:
         flags.append(f"canal_pieces:{row['canal_pieces']}")
     discs = lab == 3
@@ -555,9 +561,9 @@ def _setup_worker(threads: int) -> None:
 
 
 def _init_pool_worker(threads: int) -> None:
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    """Before torch is imported in a pool process: its OpenMP threads (torch's own are set per scan)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    _setup_worker(threads)
 
 
 def one_sentence(exc: BaseException) -> str:
@@ -589,6 +595,17 @@ def _read_json(path: Path) -> dict | None:
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (MiB), where the OS reports it."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError, ValueError):
+        return None
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
 
 
 def _base_row(job: ScanJob, settings: BatchSettings) -> dict[str, Any]:
@@ -631,7 +648,7 @@ def _skipped(row: dict[str, Any], job: ScanJob, settings: BatchSettings, t0: flo
     out = _base_row(job, settings)
     out.update({k: v for k, v in row.items() if k in COLUMNS})
     out.update(status="skipped", error="", seconds=round(time.perf_counter() - t0, 3), input=job.path,
-               worker=f"{socket.gethostname()}:{os.getpid()}")
+               worker=f"{socket.gethostname()}:{os.getpid()}", peak_rss_mb=None)
     return out
 
 
@@ -672,7 +689,7 @@ def segment_scan(job: ScanJob, settings: BatchSettings) -> dict[str, Any]:
         write_volume(result.uncertainty.data, settings.uncertainty_path(job), like=volume, kind="image",
                      produced_by=prov)
         row.update(status="ok", error="", seconds=round(time.perf_counter() - t0, 3),
-                   finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                   peak_rss_mb=_peak_rss_mb(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         prov["outputs"] = {"labels": str(settings.labels_path(job)),
                            "uncertainty": str(settings.uncertainty_path(job))}
         prov["batch"] = {"key": settings.key(sha), "input_stat": input_stat(job.path), "row": row}
@@ -680,6 +697,7 @@ def segment_scan(job: ScanJob, settings: BatchSettings) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - one bad scan is a row, never the end of the batch
         row.update(status="failed", error=one_sentence(exc), labels=None, uncertainty=None)
     row["seconds"] = round(time.perf_counter() - t0, 3)
+    row["peak_rss_mb"] = _peak_rss_mb()
     return row
 
 
@@ -737,13 +755,15 @@ def write_results(outdir: str | os.PathLike, rows: list[dict[str, Any]]) -> tupl
     return paths
 
 
-def rows_of(jobs: list[ScanJob], settings: BatchSettings) -> list[dict[str, Any]]:
-    """The row files of ``jobs`` under ``OUTDIR/.rows`` (a job without one is left out)."""
-    rows = []
+def stored_rows(jobs: list[ScanJob], settings: BatchSettings) -> dict[str, dict[str, Any]]:
+    """The row files of ``jobs`` under ``OUTDIR/.rows`` made with this batch's model and settings
+    (name -> row; a job without one is left out)."""
+    rows = {}
     for job in jobs:
         r = _read_json(settings.row_path(job))
-        if r is not None:
-            rows.append(r)
+        if (r is not None and r.get("scan") == job.name and r.get("settings_sha256") == settings.settings_sha256
+                and r.get("model_sha256") == settings.model_sha256):
+            rows[job.name] = r
     return rows
 
 
@@ -795,10 +815,11 @@ def _run_inline(jobs: list[ScanJob], settings: BatchSettings, on_row: Callable[[
         _threads_set = before_set
 
 
-def _run_pool(jobs: list[ScanJob], settings: BatchSettings, workers: int, on_row: Callable[[dict], None]) -> None:
+def _run_pool(jobs: list[ScanJob], settings: BatchSettings, workers: int, on_row: Callable[[dict], None],
+              fn: Callable[[ScanJob, BatchSettings], dict] = segment_scan) -> None:
     """A spawn-context process pool with at most 2 x workers scans in flight.  When a worker process dies
     (out of memory, a crash), the scans in flight are run again one at a time in a new pool; a scan that
-    kills its worker while alone is a failed row."""
+    kills its worker while alone is a failed row.  ``fn`` is :func:`segment_scan` (another only in tests)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -815,11 +836,11 @@ def _run_pool(jobs: list[ScanJob], settings: BatchSettings, workers: int, on_row
                 if solo:
                     if not inflight:
                         job = solo.popleft()
-                        inflight[pool.submit(segment_scan, job, settings)] = (job, True)
+                        inflight[pool.submit(fn, job, settings)] = (job, True)
                 else:
                     while queue and len(inflight) < 2 * workers:
                         job = queue.popleft()
-                        inflight[pool.submit(segment_scan, job, settings)] = (job, False)
+                        inflight[pool.submit(fn, job, settings)] = (job, False)
                 done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 for fut in done:
                     try:
@@ -922,7 +943,8 @@ def run_batch(
     ``workers``: local process pool size (None: :func:`default_workers`; 0: in this process);
     ``scheduler``: a Dask scheduler address or ``local:N`` instead of the pool; ``threads``: torch threads
     per worker.  Scans already up to date are skipped here, without reading them.  The table is rewritten
-    every minute and at the end (also on Ctrl-C), in the order of the scans' names.
+    every minute and at the end (also on Ctrl-C), in the order of the scans, from this run's rows and, for
+    scans this run has not reached, the row files of an earlier run with the same model and settings.
     """
     out = Path(outdir)
     settings = prepare(config, out, threads, suffix)
@@ -932,7 +954,7 @@ def run_batch(
     if not jobs:
         raise BatchError(f"No scans were found in {source}.")
     out.mkdir(parents=True, exist_ok=True)
-    order = {job.name: i for i, job in enumerate(jobs)}
+    earlier = stored_rows(jobs, settings)  # rows of an earlier, stopped run: in the table until replaced
     rows: dict[str, dict[str, Any]] = {}
     counts = {"ok": 0, "skipped": 0, "failed": 0}
     bar = None
@@ -942,8 +964,11 @@ def run_batch(
         bar = tqdm(total=len(jobs), unit="scan", desc="batch", file=sys.stderr, dynamic_ncols=True)
     last_table = [time.monotonic()]
 
+    def table_rows() -> list[dict[str, Any]]:
+        return [r for r in (rows.get(j.name) or earlier.get(j.name) for j in jobs) if r is not None]
+
     def table() -> tuple[Path, Path]:
-        return write_results(out, [rows[k] for k in sorted(rows, key=order.__getitem__)])
+        return write_results(out, table_rows())
 
     def on_row(row: dict[str, Any]) -> None:
         rows[row["scan"]] = row
@@ -979,4 +1004,4 @@ def run_batch(
         if bar is not None:
             bar.close()
         parquet, csv_path = table()
-    return BatchSummary([rows[k] for k in sorted(rows, key=order.__getitem__)], parquet, csv_path, ignored)
+    return BatchSummary(table_rows(), parquet, csv_path, ignored)

@@ -501,6 +501,8 @@ def cmd_batch(args) -> int:
                             progress=not args.no_progress)
     except (BatchError, ValueError) as exc:
         return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"the batch cannot write its outputs ({exc}).", EXIT_ERROR)
     ok, skipped, failed = (summary.count(s) for s in ("ok", "skipped", "failed"))
     print(f"{len(summary.rows)} scans: {ok} ok, {skipped} skipped, {failed} failed; "
           f"wrote {summary.parquet} and {summary.csv.name}")
