@@ -202,3 +202,10 @@ def test_bad_blend_and_smoothing_values_are_refused():
         SegmentationConfig(baseline_weight=1.5)
     with pytest.raises(ValueError, match="smooth_mm"):
         SegmentationConfig(smooth_mm=-1)
+
+
+def test_a_scan_without_signal_is_refused_before_the_model_runs():
+    """The same refusal as the CLI's for the dock and batch runs, which call the pipeline directly."""
+    flat = Volume(np.zeros((12, 64, 64), np.float32), np.diag([3.0, 0.7, 0.7, 1.0]))
+    with pytest.raises(SegmentationError, match="no signal"):
+        run(flat, FAST.replace(slices="all"))

@@ -157,6 +157,12 @@ def _validate(volume: Volume, config: SegmentationConfig, models: LoadedModels) 
         raise SegmentationError(f"The scan has a non-real pixel type ({volume.data.dtype}).")
     if not np.all(np.isfinite(volume.data)):
         raise SegmentationError("The scan contains NaN or infinite values.")
+    from .io import check_signal
+
+    try:
+        check_signal(volume)
+    except ValueError as exc:
+        raise SegmentationError(str(exc)) from None
     if min(volume.shape) < 1 or min(sorted(volume.shape)[1:]) < 8:
         raise SegmentationError(f"The scan of shape {volume.shape} is too small to segment.")
 
