@@ -1,5 +1,5 @@
-"""The dock widget that napari opens: the Segment and Review tabs over a status line, and the wiring between
-the panels, the run controller and the exporter through the one shared :class:`RunState`."""
+"""The dock widget that napari opens: the Segment, Review and Queue tabs over a status line, and the wiring
+between the panels, the run controller and the exporter through the one shared :class:`RunState`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
 from .export import Exporter
 from .layers import ResultLayers
 from .navigation import current_slice, go_to
+from .queue import QueuePanel
 from .review import ReviewPanel
 from .run import RunController
 from .segment import SegmentPanel
@@ -20,14 +21,15 @@ from .worker import import_model_code
 if TYPE_CHECKING:
     import napari
 
-SEGMENT_TAB, REVIEW_TAB = 0, 1
+SEGMENT_TAB, REVIEW_TAB, QUEUE_TAB = 0, 1, 2
 
 
 class SpineSegDiffWidget(QWidget):
     """Dock widget: segment the chosen scan, watch the denoising, review the uncertainty, export.
 
     Parts: :attr:`state` (the shared run state), :attr:`segment` (Segment tab), :attr:`review` (Review
-    tab), :attr:`controller` (runs), :attr:`layers` (result layers), :attr:`exporter` (export, provenance).
+    tab), :attr:`queue` (Queue tab: a batch's scans to review), :attr:`controller` (runs), :attr:`layers`
+    (result layers), :attr:`exporter` (export, provenance).
     """
 
     def __init__(self, napari_viewer: napari.Viewer):
@@ -40,6 +42,7 @@ class SpineSegDiffWidget(QWidget):
         self.exporter = Exporter(self.state, self.layers, self)
         self.segment = SegmentPanel(self.state)
         self.review = ReviewPanel(self.state, self.layers)
+        self.queue = QueuePanel(self.state, self.layers)
         #: Emitted on the GUI thread when a run ends: "done", "cancelled" or "failed".
         self.run_finished = self.state.run_finished
         #: Emitted when the QA tables have been refilled.
@@ -48,6 +51,7 @@ class SpineSegDiffWidget(QWidget):
         self.tabs = QTabWidget()
         self.tabs.addTab(self.segment, "Segment")
         self.tabs.addTab(self.review, "Review")
+        self.tabs.addTab(self.queue, "Queue")
         self.status = QLabel(self.state.message)
         self.status.setWordWrap(True)
         outer = QVBoxLayout(self)
@@ -57,6 +61,7 @@ class SpineSegDiffWidget(QWidget):
         self.segment.run_button.changed.connect(self.run)
         self.segment.cancel_button.changed.connect(self.cancel)
         self.review.export_requested.connect(lambda: self.export_results())
+        self.queue.scan_opened.connect(lambda _scan: self.review.refresh_qa())
         self.state.message_changed.connect(self.status.setText)
         self.state.result_ready.connect(lambda: self.tabs.setCurrentIndex(REVIEW_TAB))
 
