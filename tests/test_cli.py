@@ -21,7 +21,7 @@ def scan(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     ph = make_phantom(seed=8, contrast="T1w", random_orientation=True)
     img = write_volume(ph.image.data, d / "scan.nii.gz", like=ph.image, kind="image", produced_by="test")
-    truth = write_volume(ph.labels.data, d / "truth.nii.gz", like=ph.image, kind="labels", produced_by="test")
+    truth = write_volume(ph.truth().data, d / "truth.nii.gz", like=ph.image, kind="labels", produced_by="test")
     return img, truth
 
 

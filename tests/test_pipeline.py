@@ -39,7 +39,7 @@ def test_output_geometry_equals_the_input(phantom, result):
 
 def test_shipped_model_segments_the_phantom(phantom, result):
     res, _ = result
-    truth = phantom.labels.canonical()
+    truth = phantom.truth().canonical()  # written scheme: 2 = the whole vertebra
     sl = slice(4, 9)
     scores = dice_per_class(res.canonical_labels[sl], truth[sl], 3)
     print("phantom Dice canal, vertebrae, disc:", [round(s, 4) for s in scores])
@@ -56,7 +56,7 @@ def test_uncertainty_is_high_where_the_model_is_wrong(phantom, result):
     from napari_spinesegdiff.evaluation.metrics import auroc
 
     res, _ = result
-    truth = phantom.labels.canonical()[4:9]
+    truth = phantom.truth().canonical()[4:9]
     wrong = res.canonical_labels[4:9] != truth
     u = res.canonical_uncertainty[4:9]
     assert 0 <= u.min() and u.max() <= 1 / np.e + 1e-6
@@ -179,7 +179,7 @@ def test_smoothing_filters_the_probabilities_across_sagittal_slices_only(phantom
     np.testing.assert_allclose(smooth.canonical_probabilities[:, 4:9], want, atol=1e-5)
     assert not smooth.canonical_probabilities[:, :4].any() and not smooth.canonical_probabilities[:, 9:].any()
     assert (smooth.canonical_labels != plain.canonical_labels).any()  # the labels follow the smoothed maps
-    truth = phantom.labels.canonical()[4:9]
+    truth = phantom.truth().canonical()[4:9]
     assert np.mean(dice_per_class(smooth.canonical_labels[4:9], truth, 3)) >= PHANTOM_DICE_FLOOR
     one = run(phantom.image, FAST.replace(slices="6", smooth_mm=1.5, baseline_weight=0.0))
     ref = run(phantom.image, FAST.replace(slices="6", smooth_mm=0.0, baseline_weight=0.0))
