@@ -74,7 +74,7 @@ def test_unreadable_checkpoint_is_refused(scan, tmp_path, capsys):
 def test_class_mismatch_is_refused(scan, tmp_path, capsys):
     img, _ = scan
     assert main(["segment", str(img), "-o", str(tmp_path / "o.nii.gz"), "--classes", "5", "--no-progress"]) == 2
-    assert "5 classes but the checkpoint has 3" in capsys.readouterr().err
+    assert "5 classes but the checkpoint has 4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("shape", [(16, 16), (8, 8, 8, 2)])

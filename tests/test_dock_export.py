@@ -89,4 +89,4 @@ def test_geometry_helpers_recover_file_order_and_canonical_placement():
     bare = SimpleNamespace(data=data, metadata={}, scale=kwargs["scale"], translate=kwargs["translate"], name="p")
     np.testing.assert_allclose(layer_volume(bare).affine, ph.image.orientation.canonical_affine, atol=1e-6)
     info = checkpoint_info(None)
-    assert info["num_classes"] == 3 and info["class_names"][0] == "spinal canal"
+    assert info["num_classes"] == 4 and info["class_names"][0] == "spinal canal"

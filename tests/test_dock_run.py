@@ -41,7 +41,7 @@ def test_run_makes_layers_on_the_image_grid_and_streams_each_requested_step(qtbo
     image = viewer.layers[IMAGE]
     names = [layer.name for layer in viewer.layers]
     probs = [n for n in names if n.startswith("P(")]
-    assert probs == ["P(spinal canal)", "P(vertebrae)", "P(intervertebral disc)"]
+    assert probs == ["P(spinal canal)", "P(vertebral body)", "P(intervertebral disc)", "P(vertebra)"]
     for name in [LABELS_NAME, UNCERTAINTY_NAME, *probs]:
         layer = viewer.layers[name]
         assert layer.data.shape == image.data.shape

@@ -20,10 +20,10 @@ from napari_spinesegdiff.labelscheme import ChannelRoles
 
 def test_class_count_mismatch_is_refused_before_the_run(qtbot, phantom_viewer):
     viewer, w = phantom_viewer()
-    assert w.segment.num_classes.value == 3  # prefilled from the shipped checkpoint
-    w.segment.num_classes.value = 4
+    assert w.segment.num_classes.value == 4  # prefilled from the shipped checkpoint (v4: four channels)
+    w.segment.num_classes.value = 5
     assert w.run() is None
-    assert "4 classes" in w.status.text() and "has 3" in w.status.text()
+    assert "5 classes" in w.status.text() and "has 4" in w.status.text()
     assert LABELS_NAME not in viewer.layers and not w.is_running
 
 

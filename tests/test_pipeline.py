@@ -67,7 +67,7 @@ def test_streams_one_update_per_step_and_progress(result):
     _, events = result
     steps = [e for e in events if isinstance(e, StepUpdate)]
     assert [e.step for e in steps] == [1, 2, 3]
-    assert steps[0].probabilities.shape[:2] == (5, 3)
+    assert steps[0].probabilities.shape[:2] == (5, 4)  # the shipped model's four channels
     assert steps[0].uncertainty.shape == steps[0].probabilities.shape[:1] + steps[0].probabilities.shape[2:]
     prog = [e for e in events if isinstance(e, Progress)]
     assert prog[-1].done == prog[-1].total
@@ -104,8 +104,8 @@ def test_t_start_zero_with_a_labels_prior_returns_the_prior():
 
 
 def test_class_count_mismatch_is_refused_before_running(phantom):
-    with pytest.raises(SegmentationError, match="4 classes but the checkpoint has 3"):
-        run(phantom.image, FAST.replace(num_classes=4))
+    with pytest.raises(SegmentationError, match="5 classes but the checkpoint has 4"):
+        run(phantom.image, FAST.replace(num_classes=5))
 
 
 def test_nan_scan_is_refused(phantom):

@@ -105,7 +105,7 @@ def test_outputs_that_coincide_are_refused_before_the_run(scan, tmp_path, capsys
     cases = [
         (["-o", a, "--uncertainty", a], "is also the labels output"),
         (["-o", a, "--uncertainty", out / "A.json"], "extension is not one SpineSegDiff writes"),  # the sidecar
-        (["-o", a, "--uncertainty", out / "P_vertebrae.nii.gz", "--probabilities", out / "P.nii.gz"],
+        (["-o", a, "--uncertainty", out / "P_vertebra.nii.gz", "--probabilities", out / "P.nii.gz"],
          "is also the uncertainty map output"),
         (["-o", out / "P_spinal_canal.nii.gz", "--probabilities", out / "P.nii.gz"], "is also the labels output"),
     ]
