@@ -926,6 +926,17 @@ class BatchSummary:
         return sum(r.get("status") == status for r in self.rows)
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporaries (``.<name>.<random>.tmp...``) that a killed earlier run left in its own output tree: the
+    files they were meant to become are rewritten by this run, so they are removed before it starts."""
+    for path in out.rglob(".*.tmp*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
 def run_batch(
     source: str | os.PathLike,
     outdir: str | os.PathLike,
@@ -954,6 +965,7 @@ def run_batch(
     if not jobs:
         raise BatchError(f"No scans were found in {source}.")
     out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
     earlier = stored_rows(jobs, settings)  # rows of an earlier, stopped run: in the table until replaced
     rows: dict[str, dict[str, Any]] = {}
     counts = {"ok": 0, "skipped": 0, "failed": 0}
