@@ -277,7 +277,7 @@ def test_complete_set_lands_together(scan, tmp_path, capsys, fake_model):
 
 @pytest.mark.parametrize("after", [1, 3])
 def test_interrupt_during_the_writes_leaves_nothing(scan, tmp_path, capsys, fake_model, monkeypatch, after):
-    import napari_spinesegdiff.io.outputs as outputs
+    import napari_spinesegdiff.io.writers as outputs  # the format writers the output set calls
 
     out = tmp_path / "fresh"
     old = tmp_path / "old.nii.gz"
@@ -348,7 +348,7 @@ def test_output_set_refuses_the_source_and_cleans_up(scan, tmp_path):
 DRIVER = FAKE + '''
 import os, sys, time
 import napari_spinesegdiff.pipeline as pipeline
-import napari_spinesegdiff.io.outputs as outputs
+import napari_spinesegdiff.io.writers as outputs  # the format writers the output set calls
 
 mode = os.environ["SAFETY_MODE"]
 

@@ -29,18 +29,7 @@ import numpy as np
 
 from .readers import file_suffix
 from .volume import Volume
-from .writers import (
-    NIFTI_WRITE_SUFFIXES,
-    WRITE_SUFFIXES,
-    VolumeWriteError,
-    WriteKind,
-    _cast,
-    _refuse_source,
-    _write_itk,
-    _write_nifti,
-    provenance_full,
-    provenance_text,
-)
+from .writers import WRITE_SUFFIXES, VolumeWriteError, WriteKind, _cast, checked_write, write_file
 
 #: Prefix and infix of the temporary files (``.<name>.<random>.tmp<suffix>`` beside the target).
 TEMP_PREFIX = "."
@@ -216,22 +205,9 @@ class OutputSet:
                    produced_by: str | dict[str, Any] = "spinesegdiff") -> Path:
         """Write ``data`` (file voxel order of ``like``) for ``path`` into a temporary; return ``path``."""
         path = Path(path)
-        _refuse_source(path, like)
-        suffix = file_suffix(path)
-        if suffix not in WRITE_SUFFIXES:
-            raise VolumeWriteError(f"Cannot write {path}: use one of the extensions {', '.join(WRITE_SUFFIXES)}.")
-        arr = np.asarray(data)
-        if arr.shape != like.shape:
-            raise VolumeWriteError(
-                f"Cannot write {path}: the array of shape {arr.shape} does not match the scan's shape {like.shape}."
-            )
+        suffix, arr = checked_write(data, path, like)
         arr = _cast(arr, kind, path)
-        tmp = self._stage(path)
-        if suffix in NIFTI_WRITE_SUFFIXES:
-            _write_nifti(arr, tmp, like, provenance_text(produced_by))
-        else:
-            _write_itk(arr, tmp, like, provenance_full(produced_by))
-        os.chmod(tmp, 0o644)
+        write_file(arr, self._stage(path), suffix, like, produced_by)
         return path
 
     def add_text(self, path: str | Path, text: str) -> Path:

@@ -174,6 +174,31 @@ def _write_itk(arr: np.ndarray, tmp: Path, like: Volume, full: str) -> None:
 # ------------------------------------------------------------------------------------------- public API
 
 
+def checked_write(data: np.ndarray, path: Path, like: Volume) -> tuple[str, np.ndarray]:
+    """The checks of every volume write, in one sentence each: not onto the source scan, an extension a
+    writer supports, the scan's shape.  Returns the suffix and the array."""
+    _refuse_source(path, like)
+    suffix = file_suffix(path)
+    if suffix not in WRITE_SUFFIXES:
+        raise VolumeWriteError(f"Cannot write {path}: use one of the extensions {', '.join(WRITE_SUFFIXES)}.")
+    arr = np.asarray(data)
+    if arr.shape != like.shape:
+        raise VolumeWriteError(
+            f"Cannot write {path}: the array of shape {arr.shape} does not match the scan's shape {like.shape}."
+        )
+    return suffix, arr
+
+
+def write_file(arr: np.ndarray, target: Path, suffix: str, like: Volume,
+               produced_by: str | dict[str, Any]) -> None:
+    """Write the cast ``arr`` to ``target`` (a temporary) in the format of ``suffix``, readable by all."""
+    if suffix in NIFTI_WRITE_SUFFIXES:
+        _write_nifti(arr, target, like, provenance_text(produced_by))
+    else:
+        _write_itk(arr, target, like, provenance_full(produced_by))
+    os.chmod(target, 0o644)
+
+
 def write_volume(
     data: np.ndarray,
     path: str | Path,
@@ -189,26 +214,14 @@ def write_volume(
     stored as uint8 (uint16 above 255), images and maps as float32.  Refuses to write onto the source scan.
     """
     path = Path(path)
-    _refuse_source(path, like)
-    suffix = file_suffix(path)
-    if suffix not in WRITE_SUFFIXES:
-        raise VolumeWriteError(f"Cannot write {path}: use one of the extensions {', '.join(WRITE_SUFFIXES)}.")
-    arr = np.asarray(data)
-    if arr.shape != like.shape:
-        raise VolumeWriteError(
-            f"Cannot write {path}: the array of shape {arr.shape} does not match the scan's shape {like.shape}."
-        )
+    suffix, arr = checked_write(data, path, like)
     if path.exists() and not overwrite:
         raise VolumeWriteError(f"Cannot write {path}: the file exists and overwrite is off.")
     arr = _cast(arr, kind, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
-        if suffix in NIFTI_WRITE_SUFFIXES:
-            _write_nifti(arr, tmp, like, provenance_text(produced_by))
-        else:
-            _write_itk(arr, tmp, like, provenance_full(produced_by))
-        os.chmod(tmp, 0o644)
+        write_file(arr, tmp, suffix, like, produced_by)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
