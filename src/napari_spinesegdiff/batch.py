@@ -389,16 +389,12 @@ def input_stat(path: str | os.PathLike) -> str | None:
 
 def model_sha256(config: SegmentationConfig) -> tuple[str, str | None]:
     """SHA-256 of the diffusion checkpoint and of the baseline presegmenter (None without that prior)."""
-    from .pipeline import SHIPPED_BASELINE, SHIPPED_DIFFUSION
+    from .pipeline import SegmentationError, checkpoint_paths
 
-    diffusion = Path(config.checkpoint) if config.checkpoint else SHIPPED_DIFFUSION
-    if not diffusion.is_file():
-        raise BatchError(f"Checkpoint {diffusion} does not exist.")
-    baseline = None
-    if config.prior == "baseline":
-        baseline = Path(config.baseline_checkpoint) if config.baseline_checkpoint else SHIPPED_BASELINE
-        if not baseline.is_file():
-            raise BatchError(f"Baseline checkpoint {baseline} does not exist.")
+    try:
+        diffusion, baseline = checkpoint_paths(config)
+    except SegmentationError as exc:
+        raise BatchError(str(exc)) from None
     return _sha256_file(diffusion), (_sha256_file(baseline) if baseline else None)
 
 

@@ -109,11 +109,11 @@ def _load_models_cached(diffusion_path: str, baseline_path: str | None, device: 
     return LoadedModels(net.to(dev).eval(), cfg, base, base_cfg, dev, message, diffusion_path, baseline_path)
 
 
-def load_models(config: SegmentationConfig) -> LoadedModels:
-    """The diffusion model of ``config.checkpoint`` (shipped by default) and, when the prior is the
-    baseline, the shipped baseline presegmenter (or ``config.baseline_checkpoint``)."""
+def checkpoint_paths(config: SegmentationConfig) -> tuple[Path, Path | None]:
+    """The diffusion checkpoint of ``config`` (shipped by default) and, when the prior is the baseline, the
+    baseline presegmenter's; a missing file is one sentence."""
     path = Path(config.checkpoint) if config.checkpoint else SHIPPED_DIFFUSION
-    if not path.exists():
+    if not path.is_file():
         if config.checkpoint is None:
             raise SegmentationError(
                 "The shipped model is missing from this installation; pass --checkpoint with your own model."
@@ -122,8 +122,15 @@ def load_models(config: SegmentationConfig) -> LoadedModels:
     base = None
     if config.prior == "baseline":
         base = Path(config.baseline_checkpoint) if config.baseline_checkpoint else SHIPPED_BASELINE
-        if not base.exists():
+        if not base.is_file():
             raise SegmentationError(f"Baseline checkpoint {base} does not exist; use --prior none or a labels file.")
+    return path, base
+
+
+def load_models(config: SegmentationConfig) -> LoadedModels:
+    """The diffusion model of ``config.checkpoint`` (shipped by default) and, when the prior is the
+    baseline, the shipped baseline presegmenter (or ``config.baseline_checkpoint``)."""
+    path, base = checkpoint_paths(config)
     from .model.device import resolve_device
 
     device = str(resolve_device(config.device)[0])  # "auto" and what it picks share one cache entry
