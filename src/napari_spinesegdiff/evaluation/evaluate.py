@@ -30,8 +30,6 @@ from ..labelscheme import label_channels, label_names, label_probability, merge_
 from ..training.data import read_fold
 from .metrics import auroc, band_mask, dice, hd95, reliability
 
-#: Names of the scored written classes (whole-vertebra scheme; "vertebral body" where bodies are scored).
-CLASS_NAMES = [label_names("whole")[c] for c in (1, 2, 3)]
 BAND_VOXELS = 5
 
 
