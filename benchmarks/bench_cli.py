@@ -2,9 +2,17 @@
 default steps, as a user runs it (start-up, reading, both networks, writing).
 
 Prints per variant the median wall time, user and system CPU seconds and minor page faults of the child
-processes, and the ratio to the default.  Variants: the default; ``SPINESEGDIFF_MALLOC=0`` (glibc's allocator
-untuned: every large activation buffer is mapped and unmapped, see ``model.device.keep_freed_memory``).
-Run on an otherwise idle machine:
+processes, and the ratio to the default.  Variants:
+
+- the default: the ONNX Runtime engine on the CPU, networks from the export cache (``model.engine``);
+- the first run on a fresh machine: an empty export cache, so the networks are built and exported first;
+- ``--engine torch``: torch eager (the engine on GPUs);
+- ``--engine torch`` with ``SPINESEGDIFF_MALLOC=0``: glibc's allocator untuned, every large activation
+  buffer mapped and unmapped (see ``model.device.keep_freed_memory``).
+
+Then one denoiser pass (batch 20 = 4 slices x ensemble 5, 224 x 160 pixels: this scan's region of interest on
+the 1 mm model grid) per engine, its floating-point operations counted by torch's FlopCounterMode, the achieved
+GFLOP/s beside a 2048 x 2048 float32 matmul measured in the same run.  Run on an otherwise idle machine:
 
     .venv/bin/python benchmarks/bench_cli.py [--repeats 3] [--slices all]
 """
@@ -31,11 +39,11 @@ def make_scan(folder: Path) -> Path:
     return write_volume(ph.image.data, folder / "scan15.nii.gz", like=ph.image, kind="image", produced_by="bench")
 
 
-def run_once(scan: Path, out: Path, env: dict[str, str], slices: str) -> dict[str, float]:
+def run_once(scan: Path, out: Path, env: dict[str, str], slices: str, extra: list[str]) -> dict[str, float]:
     exe = Path(sys.executable).with_name("spinesegdiff")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run([str(exe), "segment", str(scan), "-o", str(out), "--slices", slices, "--no-progress"],
+    subprocess.run([str(exe), "segment", str(scan), "-o", str(out), "--slices", slices, "--no-progress", *extra],
                    check=True, env=env, capture_output=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -43,27 +51,92 @@ def run_once(scan: Path, out: Path, env: dict[str, str], slices: str) -> dict[st
             "faults": after.ru_minflt - before.ru_minflt}
 
 
+def _median_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def throughput() -> list[str]:
+    """Achieved GFLOP/s of one denoiser pass per engine, and of a float32 matmul, in this process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from napari_spinesegdiff.model.checkpoint import load_checkpoint
+    from napari_spinesegdiff.model.engine import onnx_model
+    from napari_spinesegdiff.pipeline import SHIPPED_DIFFUSION
+
+    torch.manual_seed(0)
+    net, cfg = load_checkpoint(SHIPPED_DIFFUSION)
+    b, h, w = 20, 224, 160
+    image = torch.randn(b, 1, h, w)
+    x = torch.randn(b, cfg.network.num_classes, h, w)
+    t = torch.full((b,), 150)
+    with torch.inference_mode():
+        feats = net.encode(image)
+        with FlopCounterMode(display=False) as counter:
+            net(x, t, image, feats)
+    flops = counter.get_total_flops()
+    onnx_net, _ = onnx_model(SHIPPED_DIFFUSION, threads=torch.get_num_threads())
+    onnx_feats = onnx_net.encode(image)
+    with torch.inference_mode():
+        t_torch = _median_seconds(lambda: net(x, t, image, feats))
+    t_onnx = _median_seconds(lambda: onnx_net(x, t, image, onnx_feats))
+    a = torch.randn(2048, 2048)
+    t_mm = _median_seconds(lambda: a @ a)
+    mm = 2 * 2048**3 / t_mm / 1e9
+    lines = [f"one denoiser pass, batch {b} at {h} x {w}: {flops / 1e9:.1f} GFLOP "
+             f"({torch.get_num_threads()} threads)",
+             "| engine | s per pass | GFLOP/s | share of the matmul's GFLOP/s |", "|---|---|---|---|"]
+    for name, sec in (("onnxruntime", t_onnx), ("torch eager", t_torch)):
+        lines.append(f"| {name} | {sec:.3f} | {flops / sec / 1e9:.1f} | {flops / sec / 1e9 / mm:.0%} |")
+    lines.append(f"| float32 matmul 2048 x 2048 | {t_mm:.4f} | {mm:.1f} | 100% |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slices", default="all")
     args = ap.parse_args()
-    variants = {"default": {}, "allocator untuned (SPINESEGDIFF_MALLOC=0)": {"SPINESEGDIFF_MALLOC": "0"}}
     with tempfile.TemporaryDirectory() as tmp:
+        cache = str(Path(tmp) / "cache")
+        fresh = Path(tmp) / "fresh"
+        variants = {
+            "default (onnxruntime, cached export)": ({"SPINESEGDIFF_CACHE": cache}, []),
+            "first run on a fresh machine (export included)": ({"SPINESEGDIFF_CACHE": str(fresh)}, []),
+            "--engine torch": ({}, ["--engine", "torch"]),
+            "--engine torch, allocator untuned (SPINESEGDIFF_MALLOC=0)": ({"SPINESEGDIFF_MALLOC": "0"},
+                                                                          ["--engine", "torch"]),
+        }
         scan = make_scan(Path(tmp))
+        out = Path(tmp) / "labels.nii.gz"
+        run_once(scan, out, {**os.environ, "SPINESEGDIFF_CACHE": cache}, "mid", [])  # fills the cache
         results = {}
-        for name, extra in variants.items():
-            env = {**os.environ, **extra}
-            runs = [run_once(scan, Path(tmp) / "labels.nii.gz", env, args.slices) for _ in range(args.repeats)]
+        for name, (env_extra, extra) in variants.items():
+            runs = []
+            for _ in range(args.repeats):
+                if name.startswith("first run"):
+                    subprocess.run(["rm", "-rf", str(fresh)], check=True)
+                runs.append(run_once(scan, out, {**os.environ, **env_extra}, args.slices, extra))
             results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    base = results["default"]["wall"]
+        os.environ["SPINESEGDIFF_CACHE"] = cache
+        flops_lines = throughput()
+    base = results["default (onnxruntime, cached export)"]["wall"]
+    load = os.getloadavg()[0]
     print(f"15-slice 320 x 320 scan (0.7 mm), ensemble 5, 10 steps, slices {args.slices}, "
-          f"{os.cpu_count()} CPUs, median of {args.repeats} whole processes")
+          f"{os.cpu_count()} CPUs, median of {args.repeats} whole processes; load average {load:.2f} after")
     print("| variant | wall s | user s | system s | minor page faults | wall / default |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['wall']:.1f} | {r['user']:.1f} | {r['sys']:.1f} | {r['faults']:.0f} | "
               f"{r['wall'] / base:.2f} |")
+    print()
+    print("\n".join(flops_lines))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The ONNX Runtime engine caches exported networks; the suite uses a folder of its own (never the user's
+# ~/.cache) that subprocesses (CLI tests, pool and Dask workers) inherit.
+os.environ.setdefault("SPINESEGDIFF_CACHE", tempfile.mkdtemp(prefix="spinesegdiff-test-cache-"))
 
 #: Real data shared beside the repository (never committed): ``../shared/data``.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

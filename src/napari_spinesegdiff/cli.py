@@ -53,6 +53,8 @@ def _add_segment(sub) -> None:
                         "body and 4 = posterior elements (v4 models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="auto (default): ONNX Runtime on the CPU when installed, torch on a GPU; torch: torch eager")
     p.add_argument("--slices", default="all", help="all | mid | A:B (canonical left-right slice indices)")
     p.add_argument("--batch-slices", type=int, default=4, help="slices denoised together (memory)")
     p.add_argument("--truth", type=Path, help="ground-truth labels: print Dice per class")
@@ -174,6 +176,7 @@ def cmd_segment(args) -> int:
             fusion=args.fusion, uncertainty=args.uncertainty_mode, prior=args.prior, num_classes=args.classes,
             device=args.device, seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
             baseline_weight=args.baseline_weight, smooth_mm=args.smooth_mm, vertebrae=args.vertebrae,
+            engine=args.engine,
         )
         _check_segment_paths(args, cfg)  # cheap: before the scan is even read
         if not args.scan.exists():
@@ -366,6 +369,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="auto (default): ONNX Runtime on the CPU when installed, torch on a GPU; torch: torch eager")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -381,7 +386,7 @@ def cmd_evaluate(args) -> int:
         cfg = SegmentationConfig(checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint,
                                  steps=args.steps, t_start=args.t_start, ensemble=args.ensemble, seed=args.seed,
                                  device=args.device, baseline_weight=args.baseline_weight,
-                                 smooth_mm=args.smooth_mm)
+                                 smooth_mm=args.smooth_mm, engine=args.engine)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         report = evaluate(args.data, cfg, args.out, splits=args.splits, fold=args.fold, sweep=args.sweep,
                           subset=args.subset, methods=methods)
@@ -446,6 +451,8 @@ def _segmentation_settings_args(p) -> None:
                         "4 = posterior elements (v4 models)")
     p.add_argument("--seed", type=int, default=d.seed, help="the same seed for every scan (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=d.device)
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
+                   help="auto (default): ONNX Runtime on the CPU when installed, torch on a GPU; torch: torch eager")
     p.add_argument("--slices", default=d.slices, help="all | mid | A:B (canonical left-right slice indices)")
     p.add_argument("--batch-slices", type=int, default=d.batch_slices, help="slices denoised together (memory)")
 
@@ -459,6 +466,7 @@ def _config_from_args(args):
         fusion=args.fusion, uncertainty=args.uncertainty_mode, prior=args.prior, num_classes=args.classes,
         device=args.device, seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
         baseline_weight=args.baseline_weight, smooth_mm=args.smooth_mm, vertebrae=args.vertebrae,
+        engine=args.engine,
     )
 
 

@@ -89,24 +89,40 @@ class LoadedModels:
     device_message: str
     diffusion_path: str
     baseline_path: str | None
+    engine: str = "torch"  # "torch" or "onnxruntime" (model.engine)
 
 
 @lru_cache(maxsize=4)
-def _load_models_cached(diffusion_path: str, baseline_path: str | None, device: str) -> LoadedModels:
+def _load_models_cached(diffusion_path: str, baseline_path: str | None, device: str, engine: str = "torch",
+                        threads: int = 1) -> LoadedModels:
     from .model.checkpoint import load_checkpoint
     from .model.device import keep_freed_memory, resolve_device
 
     dev, message = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()
-    net, cfg = load_checkpoint(diffusion_path, map_location="cpu")
+    if engine == "onnxruntime":
+        from .model.engine import onnx_model
+
+        net, cfg = onnx_model(diffusion_path, threads)
+        message += " ONNX Runtime engine."
+    else:
+        net, cfg = load_checkpoint(diffusion_path, map_location="cpu")
+        net = net.to(dev).eval()
     if getattr(cfg, "kind", "diffusion") != "diffusion":
         raise SegmentationError(f"{diffusion_path} is a {cfg.kind} checkpoint, not a diffusion model.")
     base, base_cfg = (None, None)
     if baseline_path is not None:
-        base, base_cfg = load_checkpoint(baseline_path, map_location="cpu")
-        base = base.to(dev).eval()
-    return LoadedModels(net.to(dev).eval(), cfg, base, base_cfg, dev, message, diffusion_path, baseline_path)
+        if engine == "onnxruntime":
+            base, base_cfg = onnx_model(baseline_path, threads)
+        else:
+            base, base_cfg = load_checkpoint(baseline_path, map_location="cpu")
+            base = base.to(dev).eval()
+        if getattr(base_cfg, "kind", "baseline") != "baseline":
+            raise SegmentationError(
+                f"{baseline_path} is a {base_cfg.kind} checkpoint, not a baseline presegmenter."
+            )
+    return LoadedModels(net, cfg, base, base_cfg, dev, message, diffusion_path, baseline_path, engine)
 
 
 def checkpoint_paths(config: SegmentationConfig) -> tuple[Path, Path | None]:
@@ -133,8 +149,19 @@ def load_models(config: SegmentationConfig) -> LoadedModels:
     path, base = checkpoint_paths(config)
     from .model.device import resolve_device
 
-    device = str(resolve_device(config.device)[0])  # "auto" and what it picks share one cache entry
-    return _load_models_cached(str(path.resolve()), str(base.resolve()) if base else None, device)
+    import torch
+
+    from .model.engine import EngineError, resolve_engine
+
+    dev = resolve_device(config.device)[0]
+    try:
+        engine = resolve_engine(config.engine, dev)
+    except EngineError as exc:
+        raise SegmentationError(str(exc)) from None
+    # "auto" and what it picks share one cache entry; ONNX Runtime sessions are sized to torch's threads
+    threads = torch.get_num_threads() if engine == "onnxruntime" else 1
+    return _load_models_cached(str(path.resolve()), str(base.resolve()) if base else None, str(dev), engine,
+                               threads)
 
 
 def _validate(volume: Volume, config: SegmentationConfig, models: LoadedModels) -> None:
@@ -466,14 +493,20 @@ def run(volume: Volume, config: SegmentationConfig = SegmentationConfig(), callb
 def build_provenance(volume: Volume, config: SegmentationConfig, models: LoadedModels,
                      timings: dict[str, float], slices: tuple[int, ...]) -> dict[str, Any]:
     """Everything needed to know how a result was made (the JSON sidecar of every written output)."""
-    import monai
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     from .model.checkpoint import file_sha256 as sha256_file
 
+    try:
+        monai_version = version("monai")
+    except PackageNotFoundError:
+        monai_version = None
+
     src = volume.source
     return {
-        "software": {"spinesegdiff": __version__, "torch": torch.__version__, "monai": monai.__version__,
+        "software": {"spinesegdiff": __version__, "torch": torch.__version__, "monai": monai_version,
                      "numpy": np.__version__, "python": platform.python_version()},
         "input": {"path": str(src) if src else None,
                   "sha256": sha256_file(src) if src and Path(src).is_file() else None,

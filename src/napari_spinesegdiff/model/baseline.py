@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import BasicUNet
 from torch import nn
 
 from .network import NetworkConfig, crop_padding, pad_to_multiple, preset
@@ -16,6 +15,8 @@ class BaselineNet(nn.Module):
     """
 
     def __init__(self, config: NetworkConfig | str = "small") -> None:
+        from monai.networks.nets import BasicUNet
+
         super().__init__()
         self.config = preset(config) if isinstance(config, str) else config
         c = self.config

@@ -13,9 +13,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, UpSample
-from monai.networks.nets.basic_unet import Down, TwoConv
 from torch import nn
+
+# MONAI's blocks are imported where a network is built, not at import: importing monai loads all of its
+# submodules (about 3.5 s), which a run served from the ONNX cache (model.engine) never needs.
 
 #: Spatial sizes are padded internally to a multiple of this (four 2x poolings) ...
 SIZE_MULTIPLE = 16
@@ -109,7 +110,9 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def _conv(cfg: NetworkConfig, cin: int, cout: int) -> Convolution:
+def _conv(cfg: NetworkConfig, cin: int, cout: int) -> nn.Module:
+    from monai.networks.blocks import Convolution
+
     return Convolution(2, cin, cout, act=cfg.act, norm=cfg.norm, dropout=cfg.dropout, bias=True, padding=1)
 
 
@@ -157,6 +160,8 @@ class TimeUpCat(nn.Module):
     """Transposed-conv upsampling, concat [skip, up], :class:`TimeTwoConv`."""
 
     def __init__(self, cfg: NetworkConfig, cin: int, cat: int, cout: int, halves: bool = True) -> None:
+        from monai.networks.blocks import UpSample
+
         super().__init__()
         up = cin // 2 if halves else cin
         self.upsample = UpSample(2, cin, up, 2, mode=cfg.upsample)
@@ -174,6 +179,8 @@ class ImageEncoder(nn.Module):
     """BasicUNet encoder half: returns the five stage features (full, 1/2, 1/4, 1/8, 1/16 resolution)."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
+        from monai.networks.nets.basic_unet import Down, TwoConv
+
         super().__init__()
         f, a, n, d = cfg.features, cfg.act, cfg.norm, cfg.dropout
         self.conv_0 = TwoConv(2, cfg.in_channels, f[0], a, n, True, d)
@@ -259,15 +266,9 @@ class SpineSegDiffNet(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def _check_image(self, image: torch.Tensor) -> None:
-        if image.ndim != 4 or image.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"image must be (B, {self.config.in_channels}, H, W), got {tuple(image.shape)}."
-            )
-
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features of the (internally padded) image; reuse them across steps and samples."""
-        self._check_image(image)
+        check_image(self.config, image)
         padded, _ = pad_to_multiple(image)
         return self.embed_model(padded)
 
@@ -282,24 +283,45 @@ class SpineSegDiffNet(nn.Module):
 
         ``embeddings`` (from :meth:`encode`, batch matching ``x_t``) skip the encoder pass.
         """
-        self._check_image(image)
-        if x_t.shape[1] != self.num_classes or x_t.shape[0] != image.shape[0] or x_t.shape[2:] != image.shape[2:]:
-            raise ValueError(
-                f"x_t must be (B, {self.num_classes}, H, W) matching image {tuple(image.shape)}, "
-                f"got {tuple(x_t.shape)}."
-            )
-        t = torch.as_tensor(t, device=x_t.device)
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        x, pads = pad_to_multiple(torch.cat([image, x_t.to(image.dtype)], dim=1))
+        x, t, pads = denoiser_input(self.config, x_t, t, image, embeddings)
         if embeddings is None:
             embeddings = self.embed_model(x[:, : self.config.in_channels])
-        elif embeddings[0].shape[0] != x.shape[0] or embeddings[0].shape[-2:] != x.shape[-2:]:
-            raise ValueError(
-                f"embeddings are for shape {tuple(embeddings[0].shape)}, but the padded input is "
-                f"{tuple(x.shape)}; compute them with encode() on the same (repeated) image."
-            )
         return crop_padding(self.model(x, t, embeddings), pads)
+
+
+def check_image(config: NetworkConfig, image: torch.Tensor) -> None:
+    """``image`` must be (B, in_channels, H, W) (one sentence otherwise)."""
+    if image.ndim != 4 or image.shape[1] != config.in_channels:
+        raise ValueError(f"image must be (B, {config.in_channels}, H, W), got {tuple(image.shape)}.")
+
+
+def denoiser_input(
+    config: NetworkConfig,
+    x_t: torch.Tensor,
+    t: torch.Tensor | int,
+    image: torch.Tensor,
+    embeddings: Sequence[torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The checked, padded denoiser input ``[image | x_t]``, timesteps as a (B,) tensor and the pads; shared by
+    :class:`SpineSegDiffNet` and the ONNX Runtime engine (``model.engine``)."""
+    check_image(config, image)
+    c = config.num_classes
+    if x_t.shape[1] != c or x_t.shape[0] != image.shape[0] or x_t.shape[2:] != image.shape[2:]:
+        raise ValueError(
+            f"x_t must be (B, {c}, H, W) matching image {tuple(image.shape)}, got {tuple(x_t.shape)}."
+        )
+    t = torch.as_tensor(t, device=x_t.device)
+    if t.ndim == 0:
+        t = t.expand(x_t.shape[0])
+    x, pads = pad_to_multiple(torch.cat([image, x_t.to(image.dtype)], dim=1))
+    if embeddings is not None and (
+        embeddings[0].shape[0] != x.shape[0] or embeddings[0].shape[-2:] != x.shape[-2:]
+    ):
+        raise ValueError(
+            f"embeddings are for shape {tuple(embeddings[0].shape)}, but the padded input is "
+            f"{tuple(x.shape)}; compute them with encode() on the same (repeated) image."
+        )
+    return x, t, pads
 
 
 def build_network(config: NetworkConfig | str = "midl2025") -> SpineSegDiffNet:
