@@ -25,6 +25,10 @@ from .state import CANCELLING, ActiveRun, RunRequest, RunState
 from .worker import StreamFrame, segment_in_thread
 
 
+#: least time between two updates of napari's progress bar and the status line during a run
+PROGRESS_INTERVAL_S = 1.0
+
+
 class StageScheduler(QObject):
     """Runs callables one per turn of the Qt event loop, in order (adding a napari layer takes ~0.1 s;
     adding them all in one turn would stall the GUI)."""
@@ -62,6 +66,7 @@ class RunController(QObject):
         self.scheduler = StageScheduler(self)
         self.worker = None
         self._pbar = None
+        self._pbar_shown = 0.0
 
     def start(self, request: RunRequest):
         """Start a run in a thread worker; returns the worker (``None`` while another run is going)."""
@@ -113,12 +118,16 @@ class RunController(QObject):
         if pbar is None:
             pbar = self._pbar = progress(total=ev.total, desc="SpineSegDiff")
             self.state.say(ev.message)
-        # napari's progress widgets may process Qt events here: keep the local reference
+        now = time.perf_counter()
+        if ev.done < ev.total and now - self._pbar_shown < PROGRESS_INTERVAL_S:
+            return  # napari's progress widget repaints the main window on each change: at most once a second
+        self._pbar_shown = now
+        # napari's progress widget processes Qt events (a repaint) on each change: keep the local reference,
+        # change the count only (the step is in the dock's status line)
         pbar.total = ev.total
-        pbar.set_description(f"SpineSegDiff: {ev.message}")
         pbar.update(ev.done - pbar.n)
         if ev.done and self.state.run is not None:
-            self.state.say(f"{ev.message} ({time.perf_counter() - self.state.run.started:.1f} s)")
+            self.state.say(f"{ev.message} ({now - self.state.run.started:.1f} s)")
 
     def _show_frame(self, fr: StreamFrame) -> None:
         run = self.state.run

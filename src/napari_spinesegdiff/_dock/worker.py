@@ -30,14 +30,21 @@ class StreamFrame:
 
 
 def import_model_code() -> None:
-    """Import torch, MONAI and the model code when the dock opens (about a second, once per session).
+    """Import torch, ONNX Runtime and the model code when the dock opens (about a second, once per session).
 
     Done on the GUI thread on purpose: a first import inside the worker holds the interpreter lock for
     long stretches and stalled the GUI by ~200 ms at the start of the first run."""
+    import importlib.util
+
+    import pandas  # noqa: F401 - the result stages' label features
     import scipy.ndimage  # noqa: F401
     import torch  # noqa: F401
 
-    from ..model import baseline, checkpoint, diffusion, network, sampler  # noqa: F401
+    from .. import pipeline  # noqa: F401
+    from ..model import baseline, checkpoint, diffusion, engine, network, sampler  # noqa: F401
+
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime  # noqa: F401 - the CPU engine; MONAI is imported only when a network is exported
 
 
 def structure_view(probabilities: np.ndarray, class_names) -> np.ndarray:
