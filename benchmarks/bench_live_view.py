@@ -5,7 +5,8 @@ against the CLI on the same scan in the same session.
 The scan is bench_cli.py's (15 sagittal slices of 320 x 320 at 0.7 mm) unless ``--scan`` names another; the
 settings are the defaults (ensemble 5, 10 steps, all slices, every step streamed).  The viewer is warm: a
 one-slice run first loads the models, as a user's second run would find them.  Gaps are measured by a 5 ms
-Qt timer on the GUI thread (a gap is the time between two of its ticks).  Run on an otherwise idle machine:
+Qt timer on the GUI thread (a gap is the time between two of its ticks).  The CPU an idle viewer uses is
+printed too: under Xvfb, OpenGL is drawn in software (llvmpipe) on the same cores as the run.  Run on an otherwise idle machine:
 
     .venv/bin/python benchmarks/bench_live_view.py [--scan PATH] [--cancel-after 4]
 """
@@ -115,6 +116,17 @@ def viewer_run(app, viewer, w, meter: GapMeter, cancel_after: float | None) -> d
     return out
 
 
+def idle_cpu(app, seconds: float) -> float:
+    """CPU cores this process uses while the viewer just sits there (software OpenGL under Xvfb redraws)."""
+    import resource
+
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    wait_until(app, lambda: time.perf_counter() - t0 > seconds, seconds + 5)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (time.perf_counter() - t0)
+
+
 def cli_seconds(scan: Path) -> float:
     exe = Path(sys.executable).with_name("spinesegdiff")
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scan", type=Path, help="a scan to open (default: bench_cli.py's 15 x 320 x 320 phantom)")
     ap.add_argument("--cancel-after", type=float, default=4.0, help="seconds into the cancelled run")
+    ap.add_argument("--stream-every", type=int, default=1, help="streamed steps (0: no live view)")
     args = ap.parse_args()
 
     display = None
@@ -137,6 +150,7 @@ def main() -> None:
         display = Display(visible=False, size=(1600, 1000))
         display.start()
     tmp = tempfile.TemporaryDirectory()
+    os.environ["SPINESEGDIFF_CONFIG_DIR"] = str(Path(tmp.name) / "config")  # the dock's defaults, not saved ones
     try:
         import napari
         from qtpy.QtWidgets import QApplication
@@ -152,14 +166,18 @@ def main() -> None:
         s = w.segment
         s.image.value = layers[0]
         s.device.value = "cpu"
-        s.stream_every.value = 1
+        s.prior.value = "baseline"
+        s.stream_every.value = args.stream_every
         meter = GapMeter()
         # warm viewer: one slice, one step (loads the models)
         s.slice_mode.value, s.slice_range.value, s.steps.value = "range", "0", 1
         viewer_run(app, viewer, w, meter, None)
+        idle_cores = idle_cpu(app, 5.0)
         s.slice_mode.value, s.steps.value = "all slices", 10
-        s.ensemble.value = 5
+        s.ensemble.value, s.prior.value = 5, "baseline"  # not the first run's labels, now a choice too
         timed = viewer_run(app, viewer, w, meter, None)
+        assert w.state.result.provenance["config"]["prior"] == "baseline"
+        timings = dict(w.state.result.provenance.get("timings", {})) if w.state.result else {}
         run_gaps = dict(meter.gaps)
         meter.gaps = {}
         cancelled = viewer_run(app, viewer, w, meter, args.cancel_after)
@@ -171,7 +189,8 @@ def main() -> None:
     cli = cli_seconds(scan)
     load = os.getloadavg()[0]
     worst = {k: max(v) for k, v in run_gaps.items() if v}
-    print(f"live view, {scan.name}, defaults (ensemble 5, 10 steps, all slices, every step streamed), "
+    every = f"every {args.stream_every}. step streamed" if args.stream_every else "no live view"
+    print(f"live view, {scan.name}, defaults (ensemble 5, 10 steps, all slices, {every}), "
           f"{os.cpu_count()} CPUs, load average {load:.2f} after")
     print("| figure | value | target |")
     print("|---|---|---|")
@@ -186,6 +205,8 @@ def main() -> None:
     print(f"| viewer run (Run to labels shown) | {timed['total_s']:.1f} s | |")
     print(f"| CLI, whole process, same scan and settings | {cli:.1f} s | |")
     print(f"| viewer / CLI | {timed['total_s'] / cli:.2f} | <= 1.1 |")
+    print(f"| CPU of the idle viewer (no run; what it costs to keep the window drawn) | {idle_cores:.2f} cores | |")
+    print("pipeline timings inside the viewer's run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     tmp.cleanup()
 
 
