@@ -185,3 +185,27 @@ def test_live_view_shows_canal_whole_vertebra_and_disc_of_a_four_channel_model()
     np.testing.assert_array_equal(view[:, 1], np.maximum(p[:, 1], p[:, 3]))  # body or whole vertebra
     np.testing.assert_array_equal(view[:, 2], p[:, 2])  # disc
     np.testing.assert_array_equal(structure_view(p[:, :3], CHANNELS_V3), p[:, :3])  # v3: as it is
+
+
+def test_streamed_steps_redraw_only_when_their_slices_are_on_screen(qtbot, phantom_viewer):
+    from napari_spinesegdiff._dock.run import shows_any_slice
+
+    viewer, w = phantom_viewer()
+    layer = viewer.add_image(np.zeros((*viewer.layers[IMAGE].data.shape, 3), np.uint8), rgb=True,
+                             scale=viewer.layers[IMAGE].scale, translate=viewer.layers[IMAGE].translate)
+    axis = viewer.dims.ndim - 3
+    step = list(viewer.dims.current_step)
+    step[axis] = 6
+    viewer.dims.current_step = tuple(step)
+    assert shows_any_slice(viewer, layer, [5, 6])
+    assert not shows_any_slice(viewer, layer, [0, 1, 2])
+    # a 4-D layer (the trajectory) adds a leading world axis: still the right slice
+    viewer.add_labels(np.zeros((2, *viewer.layers[IMAGE].data.shape), np.uint8),
+                      scale=(1, *viewer.layers[IMAGE].scale), translate=(0, *viewer.layers[IMAGE].translate))
+    assert viewer.dims.ndim == 4
+    assert shows_any_slice(viewer, layer, [6]) and not shows_any_slice(viewer, layer, [7])
+    layer.visible = False
+    assert not shows_any_slice(viewer, layer, [6])
+    layer.visible = True
+    viewer.dims.ndisplay = 3
+    assert shows_any_slice(viewer, layer, [0])

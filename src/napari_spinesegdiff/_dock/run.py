@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import Callable
 
+import numpy as np
 from qtpy.QtCore import QObject, QTimer
 
 from .layers import ResultLayers
@@ -27,6 +28,21 @@ from .worker import StreamFrame, segment_in_thread
 
 #: least time between two updates of napari's progress bar and the status line during a run
 PROGRESS_INTERVAL_S = 1.0
+
+
+def shows_any_slice(viewer, layer, idx) -> bool:
+    """Whether the canvas shows any of the slices ``idx`` (along the layer's first axis) of ``layer``: False when
+    the layer is hidden or a 2-D view shows another slice.  Redrawing the canvas is the live view's main cost
+    (OpenGL drawn in software under Xvfb or a remote desktop); a streamed step of slices nobody sees needs none.
+    """
+    if not layer.visible:
+        return False
+    dims = viewer.dims
+    axis = dims.ndim - layer.ndim  # the world axis of the layer's slices (an RGB layer's colour is not an axis)
+    if dims.ndisplay != 2 or axis not in dims.not_displayed:
+        return True
+    shown = int(np.round(layer.world_to_data(dims.point)[0]))
+    return shown in set(int(i) for i in idx)
 
 
 class StageScheduler(QObject):
@@ -138,7 +154,8 @@ class RunController(QObject):
         layer = run.denoise_layer
         if layer is not None and layer in self.state.viewer.layers:
             layer.data[idx] = fr.rgb
-            layer.refresh()
+            if shows_any_slice(self.state.viewer, layer, idx):
+                layer.refresh()  # else the new data is simply read when the user moves to these slices
         if run.trajectory is not None:
             n_streamed = len(streamed_steps(fr.total_steps, run.stream_every))
             i = run.batch_counts.get(fr.batch, 0)
