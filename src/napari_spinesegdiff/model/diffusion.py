@@ -108,11 +108,12 @@ class CosineSchedule:
         """
         x0 = x0_hat.clamp(-1.0, 1.0)
         a_t, a_prev = self.abar(t), self.abar(t_prev)
-        eps = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
         sigma = 0.0
         if eta > 0:
             sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t)) * math.sqrt(1.0 - a_t / a_prev)
-        out = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps
+        # the same update written as A x0 + B x_t: two passes over the (large) batch instead of six
+        k = math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) / math.sqrt(1.0 - a_t)
+        out = torch.add(x_t * k, x0, alpha=math.sqrt(a_prev) - k * math.sqrt(a_t))
         if sigma > 0:
             z = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=_gen_device(generator))
             out = out + sigma * z.to(x_t.device)

@@ -242,7 +242,7 @@ def _generate(
             running_u = u if running_u is None else torch.maximum(running_u, u)
             j = k + 1 - (n - ts)
             if j >= 1:
-                fuser.add(j, mean_logits, x0.clamp(-1.0, 1.0).view(b, s, *x0.shape[1:]), u)
+                fuser.add(j, mean_logits, x0.view(b, s, *x0.shape[1:]), u)  # x0 is in [-1, 1]
         yield StepEvent(index=k + 1, total=n, t=t, probabilities=p, uncertainty=running_u)
 
     return fuser.result(timesteps)
