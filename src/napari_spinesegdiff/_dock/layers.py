@@ -213,7 +213,7 @@ class ResultLayers:
             if dims.axis_labels[0] in ("0", "-4"):
                 dims.axis_labels = ("denoising step", *dims.axis_labels[1:])
 
-    def discard_partial(self) -> None:
-        """Remove the live estimates of a run that did not finish (they are not results)."""
-        self.remove(DENOISING_NAME)
-        self.remove(TRAJECTORY_NAME)
+    def discard_stages(self) -> list[Callable[[], Any]]:
+        """Removing the live estimates of a run that did not finish (they are not results): one callable per
+        layer, for the run controller's stage scheduler."""
+        return [lambda: self.remove(DENOISING_NAME), lambda: self.remove(TRAJECTORY_NAME)]

@@ -196,7 +196,8 @@ class RunController(QObject):
         if run is not None and not run.completed:
             if run.pipeline_gen is not None:
                 run.pipeline_gen.close()  # the worker is done with it: stop the sampler now
-            self.layers.discard_partial()  # partial estimates, not results
+            # partial estimates, not results: one layer removal per event-loop turn (each re-slices the viewer)
+            self.scheduler.schedule(*self.layers.discard_stages())
             if run.error is None:
                 self.state.say(f"Cancelled after {run.steps_done} of {run.total} steps; no result was kept.")
         outcome = run.outcome if run is not None else "cancelled"
