@@ -52,13 +52,11 @@ def run_once(scan: Path, out: Path, env: dict[str, str], slices: str, extra: lis
 
 
 def _median_seconds(fn, repeats: int = 5) -> float:
+    """Median wall time of ``fn`` after one warm-up call."""
+    from bench_inference import median_time  # this folder is on sys.path when a benchmark runs as a script
+
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeats)
 
 
 def throughput() -> list[str]:
