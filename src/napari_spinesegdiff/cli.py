@@ -27,6 +27,13 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
 
 
 # ------------------------------------------------------------------------------------------ segment
+def _add_engine(p) -> None:
+    from .config import ENGINES
+
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="auto (default): ONNX Runtime on the CPU when installed, torch on a GPU; torch: torch eager")
+
+
 def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment one scan (labels, uncertainty, probabilities)",
                        description="Segment a sagittal lumbar MRI with the diffusion model.")
@@ -53,8 +60,7 @@ def _add_segment(sub) -> None:
                         "body and 4 = posterior elements (v4 models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
-                   help="auto (default): ONNX Runtime on the CPU when installed, torch on a GPU; torch: torch eager")
+    _add_engine(p)
     p.add_argument("--slices", default="all", help="all | mid | A:B (canonical left-right slice indices)")
     p.add_argument("--batch-slices", type=int, default=4, help="slices denoised together (memory)")
     p.add_argument("--truth", type=Path, help="ground-truth labels: print Dice per class")
@@ -369,8 +375,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
-                   help="auto (default): ONNX Runtime on the CPU when installed, torch on a GPU; torch: torch eager")
+    _add_engine(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -451,8 +456,7 @@ def _segmentation_settings_args(p) -> None:
                         "4 = posterior elements (v4 models)")
     p.add_argument("--seed", type=int, default=d.seed, help="the same seed for every scan (default 0)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=d.device)
-    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime"], default="auto",
-                   help="auto (default): ONNX Runtime on the CPU when installed, torch on a GPU; torch: torch eager")
+    _add_engine(p)
     p.add_argument("--slices", default=d.slices, help="all | mid | A:B (canonical left-right slice indices)")
     p.add_argument("--batch-slices", type=int, default=d.batch_slices, help="slices denoised together (memory)")
 

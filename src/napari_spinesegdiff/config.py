@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Prior = str  # "baseline", "none", "labels" (an array the caller passes), or a path to a labels file
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Engine = Literal["auto", "torch", "onnxruntime"]
+ENGINES: tuple[str, ...] = get_args(Engine)  # the engine names, for validation and the CLI
 Fusion = Literal["step_uncertainty", "diffunet"]
 Uncertainty = Literal["steps+prior", "steps"]
 
@@ -75,8 +76,8 @@ class SegmentationConfig:
             raise ValueError(f"uncertainty must be 'steps+prior' or 'steps', got {self.uncertainty!r}.")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}.")
-        if self.engine not in ("auto", "torch", "onnxruntime"):
-            raise ValueError(f"engine must be auto, torch or onnxruntime, got {self.engine!r}.")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be {', '.join(ENGINES)}, got {self.engine!r}.")
         if self.vertebrae not in ("whole", "split"):
             raise ValueError(f"vertebrae must be 'whole' or 'split', got {self.vertebrae!r}.")
         if self.batch_slices < 1:

@@ -28,9 +28,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..config import ENGINES
 from .network import NetworkConfig, check_image, crop_padding, denoiser_input, pad_to_multiple
 
-ENGINES = ("auto", "torch", "onnxruntime")
 #: bump when the exported graphs change: old cache files are then simply not found
 EXPORT_FORMAT = 1
 _OPSET = 17
@@ -205,7 +205,6 @@ class OnnxDiffusion:
     """A :class:`~.network.SpineSegDiffNet` served by ONNX Runtime: ``encode(image)`` and
     ``(x_t, t, image, embeddings)`` -> logits, same shapes, padding and checks."""
 
-    engine = "onnxruntime"
     DIFFUSION_PARTS = ("encoder", "denoiser")
 
     def __init__(self, config: NetworkConfig, encoder, denoiser) -> None:
@@ -215,9 +214,6 @@ class OnnxDiffusion:
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
-
-    def eval(self) -> "OnnxDiffusion":
-        return self
 
     def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
         check_image(self.config, image)
@@ -236,7 +232,6 @@ class OnnxDiffusion:
 class OnnxBaseline:
     """A :class:`~.baseline.BaselineNet` served by ONNX Runtime: ``(image)`` -> logits."""
 
-    engine = "onnxruntime"
     BASELINE_PARTS = ("baseline",)
 
     def __init__(self, config: NetworkConfig, session) -> None:
@@ -246,9 +241,6 @@ class OnnxBaseline:
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
-
-    def eval(self) -> "OnnxBaseline":
-        return self
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         check_image(self.config, image)
@@ -270,10 +262,10 @@ def onnx_model(path: str | os.PathLike, threads: int) -> tuple[Any, Any]:
         net, config = load_checkpoint(path, map_location="cpu")
         kind = getattr(config, "kind", "diffusion")
 
-    def built() -> torch.nn.Module:
-        nonlocal net, config
-        if net is None:  # a part vanished between the check and its use
-            net, config = load_checkpoint(path, map_location="cpu")
+    def built() -> torch.nn.Module:  # also when a cached part turns out unreadable
+        nonlocal net
+        if net is None:
+            net = load_checkpoint(path, map_location="cpu")[0]
         return net
 
     if kind == "baseline":
