@@ -162,8 +162,7 @@ def test_roi_is_the_spinal_column_plus_margin_and_pastes_back():
 def test_steps_plus_prior_uncertainty_bounds_the_step_map(phantom):
     cfg = FAST.replace(slices="6", steps=2)
     steps_only = run(phantom.image, cfg.replace(uncertainty="steps"), stream_every=0)
-    both = run(phantom.image, cfg, stream_every=0)
-    assert cfg.uncertainty == "steps+prior"  # the default
+    both = run(phantom.image, cfg.replace(uncertainty="steps+prior"), stream_every=0)
     assert np.array_equal(steps_only.canonical_labels, both.canonical_labels)
     assert np.all(both.canonical_uncertainty >= steps_only.canonical_uncertainty - 1e-7)
     assert np.any(both.canonical_uncertainty > steps_only.canonical_uncertainty + 1e-3)
@@ -209,3 +208,50 @@ def test_a_scan_without_signal_is_refused_before_the_model_runs():
     flat = Volume(np.zeros((12, 64, 64), np.float32), np.diag([3.0, 0.7, 0.7, 1.0]))
     with pytest.raises(SegmentationError, match="no signal"):
         run(flat, FAST.replace(slices="all"))
+
+
+def test_labels_uncertainty_is_the_entropy_of_the_final_probabilities(phantom, result):
+    """The default map: the binary entropy of the probabilities the labels were drawn from (blended and
+    smoothed), so it peaks where a label could go either way and is 0 where they are certain; the same run's
+    labels and probabilities as the step maps'."""
+    from napari_spinesegdiff.pipeline import LABEL_UNCERTAINTY_SCALE, label_uncertainty
+
+    res, _ = result
+    assert FAST.uncertainty == "labels"  # the default
+    u, per_channel = label_uncertainty(res.canonical_probabilities, res.class_names, "whole",
+                                       range(res.slices[0], res.slices[-1] + 1))
+    np.testing.assert_allclose(res.canonical_uncertainty, u, atol=1e-6)
+    np.testing.assert_allclose(res.canonical_class_uncertainty, per_channel, atol=1e-6)
+    assert u.max() <= LABEL_UNCERTAINTY_SCALE + 1e-6
+    outside = np.ones(u.shape[0], bool)
+    outside[list(res.slices)] = False
+    assert not u[outside].any()
+    # near-even probabilities are the most uncertain, confident voxels the least
+    vert = np.maximum(res.canonical_probabilities[1], res.canonical_probabilities[3])
+    inside = np.zeros(u.shape, bool)
+    inside[list(res.slices)] = True
+    even = inside & (np.abs(vert - 0.5) < 0.05)
+    structures = np.stack([res.canonical_probabilities[0], vert, res.canonical_probabilities[2]])
+    sure = inside & np.all((structures < 0.01) | (structures > 0.99), axis=0)
+    assert even.any() and sure.any()
+    assert u[even].min() > 0.95 * LABEL_UNCERTAINTY_SCALE
+    assert u[sure].max() < 0.1 * LABEL_UNCERTAINTY_SCALE
+    steps = run(phantom.image, FAST.replace(uncertainty="steps"), stream_every=0)
+    assert np.array_equal(steps.canonical_labels, res.canonical_labels)
+
+
+def test_labels_uncertainty_follows_the_written_scheme():
+    """A body/posterior-elements boundary is uncertain only when vertebrae are split (4-channel model)."""
+    from napari_spinesegdiff.labelscheme import CHANNELS
+    from napari_spinesegdiff.pipeline import LABEL_UNCERTAINTY_SCALE, label_uncertainty
+
+    p = np.zeros((4, 1, 1, 3), np.float32)  # canal, body, disc, whole vertebra at three voxels
+    p[:, 0, 0, 0] = [0.0, 0.5, 0.0, 1.0]  # inside a vertebra, at the body's edge
+    p[:, 0, 0, 1] = [0.5, 0.0, 0.0, 0.0]  # at the canal's edge
+    p[:, 0, 0, 2] = [0.0, 0.0, 0.0, 0.0]  # background
+    whole, _ = label_uncertainty(p, CHANNELS, "whole")
+    split, per_channel = label_uncertainty(p, CHANNELS, "split")
+    s = LABEL_UNCERTAINTY_SCALE
+    np.testing.assert_allclose(whole[0, 0], [0.0, s, 0.0], atol=1e-4)
+    np.testing.assert_allclose(split[0, 0], [s, s, 0.0], atol=1e-4)
+    np.testing.assert_allclose(per_channel[1, 0, 0], [s, 0.0, 0.0], atol=1e-4)

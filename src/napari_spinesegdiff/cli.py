@@ -34,6 +34,15 @@ def _add_engine(p) -> None:
                    help="auto (default): ONNX Runtime on the CPU when installed, torch on a GPU; torch: torch eager")
 
 
+def _add_uncertainty_mode(p) -> None:
+    from .config import UNCERTAINTY_MODES, SegmentationConfig
+
+    p.add_argument("--uncertainty-mode", choices=UNCERTAINTY_MODES, default=SegmentationConfig.uncertainty,
+                   help="labels (default): the entropy of the final probability of each written structure, the map "
+                        "that finds wrong voxels best; steps: the paper's step-uncertainty map; steps+prior: its "
+                        "max with the presegmentation's own -p log p")
+
+
 def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment one scan (labels, uncertainty, probabilities)",
                        description="Segment a sagittal lumbar MRI with the diffusion model.")
@@ -49,9 +58,7 @@ def _add_segment(sub) -> None:
     p.add_argument("--ensemble", type=int, default=5, help="stochastic samples S (default 5)")
     p.add_argument("--aggregate-steps", type=int, help="fuse only the last Ts steps (default all)")
     p.add_argument("--fusion", choices=["step_uncertainty", "diffunet"], default="step_uncertainty")
-    p.add_argument("--uncertainty-mode", choices=["steps+prior", "steps"], default="steps+prior",
-                   help="steps: the paper's step-uncertainty map; steps+prior (default): its max with the "
-                        "presegmentation's own -p log p")
+    _add_uncertainty_mode(p)
     p.add_argument("--prior", default="baseline", help="baseline | none | PATH to a labels file (default baseline)")
     _blend_and_smoothing_args(p)
     p.add_argument("--classes", type=int, help="expected number of classes (checked against the checkpoint)")
@@ -376,6 +383,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     _add_engine(p)
+    _add_uncertainty_mode(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -391,7 +399,7 @@ def cmd_evaluate(args) -> int:
         cfg = SegmentationConfig(checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint,
                                  steps=args.steps, t_start=args.t_start, ensemble=args.ensemble, seed=args.seed,
                                  device=args.device, baseline_weight=args.baseline_weight,
-                                 smooth_mm=args.smooth_mm, engine=args.engine)
+                                 smooth_mm=args.smooth_mm, engine=args.engine, uncertainty=args.uncertainty_mode)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         report = evaluate(args.data, cfg, args.out, splits=args.splits, fold=args.fold, sweep=args.sweep,
                           subset=args.subset, methods=methods)
@@ -444,9 +452,7 @@ def _segmentation_settings_args(p) -> None:
     p.add_argument("--ensemble", type=int, default=d.ensemble, help=f"stochastic samples S (default {d.ensemble})")
     p.add_argument("--aggregate-steps", type=int, help="fuse only the last Ts steps (default all)")
     p.add_argument("--fusion", choices=["step_uncertainty", "diffunet"], default=d.fusion)
-    p.add_argument("--uncertainty-mode", choices=["steps+prior", "steps"], default=d.uncertainty,
-                   help="steps: the paper's step-uncertainty map; steps+prior (default): its max with the "
-                        "presegmentation's own -p log p")
+    _add_uncertainty_mode(p)
     p.add_argument("--prior", choices=["baseline", "none"], default="baseline",
                    help="baseline (default): the shipped presegmenter; none: from pure noise")
     _blend_and_smoothing_args(p)

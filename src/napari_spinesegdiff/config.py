@@ -11,7 +11,8 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 Engine = Literal["auto", "torch", "onnxruntime"]
 ENGINES: tuple[str, ...] = get_args(Engine)  # the engine names, for validation and the CLI
 Fusion = Literal["step_uncertainty", "diffunet"]
-Uncertainty = Literal["steps+prior", "steps"]
+Uncertainty = Literal["labels", "steps+prior", "steps"]
+UNCERTAINTY_MODES: tuple[str, ...] = get_args(Uncertainty)
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,12 @@ class SegmentationConfig:
     # only with prior "baseline" (a labels prior is never blended in); 0 = the diffusion alone (the paper);
     # 0.5 was chosen on the validation patients (README, model card)
     baseline_weight: float = 0.5
-    # "steps": the paper's step-uncertainty map (max over the fused steps of -p log p);
-    # "steps+prior": its voxel-wise max with the presegmentation's own -p log p (the doubt of the whole
-    # pipeline; finds misclassified voxels better, see the README's model card)
-    uncertainty: Uncertainty = "steps+prior"
+    # "labels": the binary entropy of the final probability of each written structure (after blending and
+    # smoothing: the probability the labels are drawn from), max over structures, scaled so that 0.5 reads
+    # 1/e; finds wrong voxels near the structures best (v4 validation, README's model card);
+    # "steps": the paper's step-uncertainty map (max over the fused steps of -p log p, at most 1/e);
+    # "steps+prior": its voxel-wise max with the presegmentation's own -p log p
+    uncertainty: Uncertainty = "labels"
     prior: Prior = "baseline"
     num_classes: int | None = None  # None = take it from the checkpoint; a mismatch is refused
     device: Device = "auto"
@@ -72,8 +75,8 @@ class SegmentationConfig:
             raise ValueError(f"smooth_mm must be 0 (off) or more, got {self.smooth_mm}.")
         if self.fusion not in ("step_uncertainty", "diffunet"):
             raise ValueError(f"fusion must be 'step_uncertainty' or 'diffunet', got {self.fusion!r}.")
-        if self.uncertainty not in ("steps+prior", "steps"):
-            raise ValueError(f"uncertainty must be 'steps+prior' or 'steps', got {self.uncertainty!r}.")
+        if self.uncertainty not in UNCERTAINTY_MODES:
+            raise ValueError(f"uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}, got {self.uncertainty!r}.")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}.")
         if self.engine not in ENGINES:

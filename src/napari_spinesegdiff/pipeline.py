@@ -10,7 +10,9 @@ intensity normalisation -> batches of ``batch_slices`` slices x ``ensemble`` sam
 prior (shipped baseline, a labels volume, or none) -> DDIM sampler with the step-uncertainty ensemble ->
 back to the scan grid (linear for maps, labels from the resampled probabilities) -> optional blend with the
 presegmentation (``baseline_weight``) -> optional Gaussian smoothing of the probabilities across sagittal
-slices (``smooth_mm``; the networks are 2-D) -> labels and post-processing in millimetres -> file order.
+slices (``smooth_mm``; the networks are 2-D) -> labels and post-processing in millimetres -> the uncertainty
+map (default ``"labels"``: the entropy of the probabilities the labels were drawn from,
+:func:`label_uncertainty`) -> file order.
 Memory for the model stays flat in the number of slices.
 
 Label rule: a pixel gets the class whose probability is highest among those above 0.5 (so overlapping
@@ -334,6 +336,47 @@ def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], con
     return labels
 
 
+#: The ``"labels"`` uncertainty is the binary entropy in bits times this: an even chance reads 1/e, the top of
+#: the paper's step-uncertainty scale (-p log p), so maps, colour limits and thresholds share one scale.
+LABEL_UNCERTAINTY_SCALE = float(1.0 / np.e)
+
+
+def binary_entropy(p: np.ndarray) -> np.ndarray:
+    """``-p log2 p - (1 - p) log2 (1 - p)`` (float32; 0 at p = 0 or 1, 1 at p = 0.5)."""
+    p = np.clip(np.asarray(p, np.float32), 1e-6, 1.0 - 1e-6)
+    return -(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))
+
+
+def label_uncertainty(prob_c: np.ndarray, class_names: Sequence[str], vertebrae: str = "whole",
+                      slices: range | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``"labels"`` uncertainty from final channel probabilities (C, n, rows, cols), as :func:`finalize_labels`
+    leaves them (blended, smoothed): ``(map, per_channel)``.
+
+    ``map`` is the largest binary entropy over the probabilities the written labels are drawn from: canal,
+    (whole) vertebra and disc (:func:`labelscheme.structure_probabilities`), and with ``vertebrae="split"`` the
+    vertebral-body probability that divides label 2 from 4.  A boundary between body and posterior elements is
+    not uncertain when they are written as one vertebra.  ``per_channel`` is each channel's own entropy.  Both
+    are scaled by :data:`LABEL_UNCERTAINTY_SCALE` and are 0 outside ``slices`` (default all)."""
+    from .labelscheme import ChannelRoles, structure_probabilities
+
+    roles = ChannelRoles.of(class_names)
+    per_channel = binary_entropy(prob_c)
+    if roles.known:
+        written = binary_entropy(structure_probabilities(prob_c, roles)).max(axis=0)
+        if vertebrae == "split" and roles.can_split:
+            written = np.maximum(written, per_channel[roles.body])
+    else:
+        written = per_channel.max(axis=0)
+    written *= LABEL_UNCERTAINTY_SCALE
+    per_channel *= LABEL_UNCERTAINTY_SCALE
+    if slices is not None:
+        outside = np.ones(prob_c.shape[1], bool)
+        outside[slices.start:slices.stop] = False
+        written[outside] = 0.0
+        per_channel[:, outside] = 0.0
+    return written.astype(np.float32), per_channel.astype(np.float32)
+
+
 def _labels_from_probabilities(probs: np.ndarray) -> np.ndarray:
     """(C, ...) class probabilities -> labels 0..C: the most probable class among those above 0.5."""
     above = probs > 0.5
@@ -459,6 +502,8 @@ def segment(
 
     tq = time.perf_counter()
     labels_c = finalize_labels(prob_c, spacing, config, chosen, ckpt.class_names)
+    if config.uncertainty == "labels":
+        unc_c, cunc_c = label_uncertainty(prob_c, ckpt.class_names, config.vertebrae, chosen)
     timings["post_s"] += time.perf_counter() - tq
     timings = {k: round(v, 3) for k, v in timings.items()}
     timings["total_s"] = round(time.perf_counter() - t0, 3)

@@ -234,7 +234,7 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
     test patients) of ``fold`` is evaluated.
     """
     from ..labelscheme import ChannelRoles
-    from ..pipeline import load_models, run
+    from ..pipeline import label_uncertainty, load_models, run
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,8 +252,11 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
         for method, (res, seconds, probs) in _method_results(case, config.replace(vertebrae=vertebrae), methods,
                                                               run, class_names).items():
             labels = res.canonical_labels if case.vertebrae == "split" else merge_vertebrae(res.canonical_labels)
-            for r in score_case(case, labels, res.canonical_uncertainty, res.canonical_class_uncertainty,
-                                class_names):
+            unc, class_unc = res.canonical_uncertainty, res.canonical_class_uncertainty
+            if config.uncertainty == "labels":  # the map of the case's own label scheme, from its final probabilities
+                chosen = range(res.slices[0], res.slices[-1] + 1) if res.slices else range(0)
+                unc, class_unc = label_uncertainty(probs, class_names, case.vertebrae, chosen)
+            for r in score_case(case, labels, unc, class_unc, class_names):
                 rows.append({"method": method, **r, "seconds": round(seconds, 2)})
             deg_rows += _degenerated_rows(case, labels, method)
             region = case.in_range if case.in_range is not None else slice(None)
@@ -279,7 +282,8 @@ def _method_results(case: EvalCase, config: SegmentationConfig, methods: Sequenc
     is their blend.  Each method's labels are then made by the pipeline's own last stage
     (:func:`finalize_labels`, with ``config``'s smoothing and vertebrae), which is what a run with that
     method's settings computes (blending and smoothing are linear and commute with the resampling to the
-    scan grid; the uncertainty map does not depend on either).  Returns method -> (result with its
+    scan grid).  The step-uncertainty maps are the runs' own; the ``"labels"`` map is made by the caller
+    from the final probabilities.  Returns method -> (result with its
     labels, seconds of the runs it needs, the final probabilities)."""
     import dataclasses
 
