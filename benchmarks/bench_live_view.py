@@ -66,6 +66,45 @@ def time_stages() -> None:
     run_module.StageScheduler._run_next = timed
 
 
+class StallSampler:
+    """``--why``: a watchdog thread that, while the GUI thread has not ticked the meter for over 50 ms, samples the
+    GUI thread's Python stack every 10 ms; prints the most frequent stacks per phase (where the stalls are)."""
+
+    def __init__(self, meter: GapMeter) -> None:
+        import threading
+        from collections import Counter
+
+        self.meter = meter
+        self.main = threading.main_thread().ident
+        self.samples: dict[str, Counter] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        import traceback
+        from collections import Counter
+
+        while not self.stop.wait(0.01):
+            last = self.meter.last
+            if last is None or time.perf_counter() - last < 0.05:
+                continue
+            frame = sys._current_frames().get(self.main)
+            if frame is None:
+                continue
+            stack = [f"{Path(fs.filename).parent.name}/{Path(fs.filename).name}:{fs.lineno} {fs.name}"
+                     for fs in traceback.extract_stack(frame)]
+            key = " <- ".join(reversed(stack[-8:]))
+            self.samples.setdefault(self.meter.phase, Counter())[key] += 1
+
+    def report(self, top: int = 6) -> None:
+        self.stop.set()
+        for phase, counter in self.samples.items():
+            print(f"\nGUI thread during stalls, phase {phase!r} ({sum(counter.values())} samples of 10 ms):")
+            for key, n in counter.most_common(top):
+                print(f"  {n:4d}  {key}")
+
+
 def wait_until(app, predicate, timeout: float) -> None:
     end = time.perf_counter() + timeout
     while not predicate():
@@ -141,6 +180,7 @@ def main() -> None:
     ap.add_argument("--scan", type=Path, help="a scan to open (default: bench_cli.py's 15 x 320 x 320 phantom)")
     ap.add_argument("--cancel-after", type=float, default=4.0, help="seconds into the cancelled run")
     ap.add_argument("--stream-every", type=int, default=1, help="streamed steps (0: no live view)")
+    ap.add_argument("--why", action="store_true", help="sample the GUI thread's stack during stalls and print it")
     args = ap.parse_args()
 
     display = None
@@ -169,12 +209,16 @@ def main() -> None:
         s.prior.value = "baseline"
         s.stream_every.value = args.stream_every
         meter = GapMeter()
+        sampler = StallSampler(meter) if args.why else None
         # warm viewer: one slice, one step (loads the models)
         s.slice_mode.value, s.slice_range.value, s.steps.value = "range", "0", 1
         viewer_run(app, viewer, w, meter, None)
         idle_cores = idle_cpu(app, 5.0)
         s.slice_mode.value, s.steps.value = "all slices", 10
         s.ensemble.value, s.prior.value = 5, "baseline"  # not the first run's labels, now a choice too
+        meter.gaps = {}  # the warm-up run's gaps (model loading) are not the warm viewer's
+        if sampler is not None:
+            sampler.samples.clear()
         timed = viewer_run(app, viewer, w, meter, None)
         assert w.state.result.provenance["config"]["prior"] == "baseline"
         timings = dict(w.state.result.provenance.get("timings", {})) if w.state.result else {}
@@ -207,6 +251,8 @@ def main() -> None:
     print(f"| viewer / CLI | {timed['total_s'] / cli:.2f} | <= 1.1 |")
     print(f"| CPU of the idle viewer (no run; what it costs to keep the window drawn) | {idle_cores:.2f} cores | |")
     print("pipeline timings inside the viewer's run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    if sampler is not None:
+        sampler.report()
     tmp.cleanup()
 
 

@@ -58,7 +58,7 @@ class StepUpdate:
     """The current x0 estimate of the slices being denoised, on the scan's canonical grid."""
 
     slices: tuple[int, ...]  # canonical slice indices (axis 0)
-    step: int  # 1-based step within this batch
+    step: int  # 1-based step within this batch; 0 = the prior (presegmentation) the batch starts from
     total_steps: int
     t: int
     batch: int  # 0-based batch index
@@ -404,7 +404,8 @@ def segment(
 ) -> Generator[Progress | StepUpdate, None, SegmentationResult]:
     """Segment a scan (see the module docstring).  ``prior_labels`` is used when ``config.prior`` is
     ``"labels"`` (a labels volume from the caller); a path in ``config.prior`` is read here.  Step updates
-    are yielded every ``stream_every`` steps (and always at a batch's last step); ``0`` = none."""
+    are yielded every ``stream_every`` steps (and always at a batch's last step), each batch's first as step 0 (its
+prior, before the first denoiser pass: what a viewer can show at once); ``0`` = none."""
     import torch
 
     from .labelscheme import labels_to_channels
@@ -457,6 +458,11 @@ def segment(
                 onehot = np.moveaxis(labels_to_channels(prior_canon[idx], ckpt.class_names), 0, 1)
                 prior = grid.to_model(torch.from_numpy(np.ascontiguousarray(onehot)).to(dev), mode="nearest")
             timings["prior_s"] += time.perf_counter() - tp
+            if stream_every and prior is not None:  # step 0: the presegmentation this batch's denoising starts from
+                p0 = grid.to_scan(prior.float()).cpu().numpy()
+                u0 = grid.to_scan(step_uncertainty(prior.float()).amax(dim=1, keepdim=True)).cpu().numpy()[:, 0]
+                yield StepUpdate(tuple(idx), 0, steps_per_batch, config.t_start if use_prior else schedule.T, bi,
+                                 len(batches), p0, u0)
         ts0 = time.perf_counter()
         roi = _Roi.around(prior, config.roi_margin_mm / float(ckpt.spacing_mm[0]))
         gen = sample(models.diffusion, roi.crop(x), schedule=schedule, steps=config.steps,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QProgressBar, QTabWidget, QVBoxLayout, QWidget
 
 from .export import Exporter
 from .layers import ResultLayers
@@ -54,8 +54,11 @@ class SpineSegDiffWidget(QWidget):
         self.tabs.addTab(self.queue, "Queue")
         self.status = QLabel(self.state.message)
         self.status.setWordWrap(True)
+        self.progress = QProgressBar()  # the run's denoiser passes; hidden when no run is going
+        self.progress.setVisible(False)
         outer = QVBoxLayout(self)
         outer.addWidget(self.tabs)
+        outer.addWidget(self.progress)
         outer.addWidget(self.status)
 
         self.segment.run_button.changed.connect(self.run)
@@ -63,11 +66,21 @@ class SpineSegDiffWidget(QWidget):
         self.review.export_requested.connect(lambda: self.export_results())
         self.queue.scan_opened.connect(lambda _scan: self.review.refresh_qa())
         self.state.message_changed.connect(self.status.setText)
+        self.state.progress_changed.connect(self._on_progress)
         self.state.result_ready.connect(lambda: self.tabs.setCurrentIndex(REVIEW_TAB))
 
     @property
     def is_running(self) -> bool:
         return self.state.is_running
+
+    def _on_progress(self, done: int, total: int) -> None:
+        if total <= 0:
+            self.progress.setVisible(False)
+            return
+        if self.progress.maximum() != total:
+            self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.progress.setVisible(True)
 
     def run(self, _value=None):
         """Start a run of the Segment tab's settings; returns the worker (``None`` when refused)."""

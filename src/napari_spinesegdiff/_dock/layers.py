@@ -108,41 +108,42 @@ class ResultLayers:
                 setattr(layer, key, kwargs[key])
         return layer
 
-    def merged(self, name: str, new: np.ndarray, idx: list[int], same: bool) -> tuple[np.ndarray, bool]:
-        """``new`` with the other slices of the existing layer ``name`` kept when it shows the same image."""
+    def can_merge(self, name: str, shape: tuple[int, ...], same: bool) -> bool:
+        """Whether a result of ``shape`` merges into the existing layer ``name`` (the same image and scheme)."""
         layer = self.find(name)
-        if not same or layer is None or tuple(layer.data.shape) != tuple(new.shape):
-            return new, False
-        data = np.array(layer.data, copy=True)
+        return same and layer is not None and tuple(layer.data.shape) == tuple(shape)
+
+    def merged(self, name: str, new: np.ndarray, idx: list[int], same: bool) -> np.ndarray:
+        """``new`` with the other slices of the existing layer ``name`` kept when it shows the same image."""
+        if not self.can_merge(name, new.shape, same):
+            return new
+        data = np.array(self.find(name).data, copy=True)
         data[idx] = new[idx]
-        return data, True
+        return data
 
     def result_stages(self, run: ActiveRun, res) -> list[Callable[[], Any]]:
-        """Merge ``res`` into the result layers: the bookkeeping now, then one callable per layer to put
-        (adding a napari layer takes ~0.1 s, so the caller runs them one event-loop turn each)."""
+        """Merge ``res`` into the result layers: the bookkeeping now, then one callable per layer to merge and
+        put (adding a napari layer takes ~0.1 s, so the caller runs them one event-loop turn each)."""
         image = run.image
         idx = list(res.slices)
         names = written_label_names(res.class_names, run.config.vertebrae)
         same = self.state.result_image is image and self.state.label_names == names
-        labels, kept_l = self.merged(LABELS_NAME, res.canonical_labels, idx, same)
-        unc, kept_u = self.merged(UNCERTAINTY_NAME, res.canonical_uncertainty, idx, same)
-        keep = kept_l and kept_u
-        if not keep:
-            labels, unc = res.canonical_labels, res.canonical_uncertainty
+        keep = (self.can_merge(LABELS_NAME, res.canonical_labels.shape, same)
+                and self.can_merge(UNCERTAINTY_NAME, res.canonical_uncertainty.shape, same))
         self.state.adopt(image, res, names, merged=keep)
         geometry = geometry_of(image)
         meta = {**(image.metadata or {}), OUTPUT_KEY: True, "source_image": image.name,
                 "provenance": res.provenance}
         stages: list[Callable[[], Any]] = []
         for c, channel in enumerate(res.class_names):
-            prob, _ = self.merged(f"P({channel})", res.canonical_probabilities[c], idx, keep)
-            stages.append(lambda n=f"P({channel})", d=prob: self.put(
-                n, d, "image", geometry, colormap="gray", contrast_limits=(0.0, 1.0), blending="additive",
-                metadata=meta, visible=False))
+            stages.append(lambda n=f"P({channel})", c=c: self.put(
+                n, self.merged(n, res.canonical_probabilities[c], idx, keep), "image", geometry, colormap="gray",
+                contrast_limits=(0.0, 1.0), blending="additive", metadata=meta, visible=False))
         stages += [
-            lambda: self.put(UNCERTAINTY_NAME, unc, "image", geometry, colormap="inferno",
-                             contrast_limits=(0.0, MAX_UNCERTAINTY), blending="additive", opacity=0.6, metadata=meta),
-            lambda: self.put_labels(labels, names, geometry, meta),
+            lambda: self.put(UNCERTAINTY_NAME, self.merged(UNCERTAINTY_NAME, res.canonical_uncertainty, idx, keep),
+                             "image", geometry, colormap="inferno", contrast_limits=(0.0, MAX_UNCERTAINTY),
+                             blending="additive", opacity=0.6, metadata=meta),
+            lambda: self.put_labels(self.merged(LABELS_NAME, res.canonical_labels, idx, keep), names, geometry, meta),
             lambda: self.finish_trajectory(run),
         ]
         return stages
@@ -187,26 +188,23 @@ class ResultLayers:
         run.denoise_layer = layer
 
     def prepare_trajectory(self, run: ActiveRun) -> None:
-        """The (hidden) ``denoising trajectory`` layer, sized for the requested steps within the memory budget."""
+        """The run's trajectory array, sized for the requested steps within the memory budget.  It becomes the
+        (hidden) ``denoising trajectory`` layer only when the run completes: a 4-D layer added or removed while
+        the run streams changes the viewer's dimensions and re-slices every layer (a stall of ~0.5 s)."""
         shape = run.image.data.shape
         n = trajectory_frames(len(streamed_steps(run.config.steps, run.stream_every)), shape,
                               TRAJECTORY_BUDGET_BYTES)
         run.trajectory = np.zeros((n, *shape), np.uint8)
-        geo = {"scale": (1.0, *run.image.scale), "translate": (0.0, *run.image.translate)}
-        self.put(TRAJECTORY_NAME, run.trajectory, "labels", geo, colormap=dict(LABEL_COLORS),
-                 metadata={OUTPUT_KEY: True, "axes": ["step", "slice", "row", "column"]}, visible=False)
 
     def finish_trajectory(self, run: ActiveRun) -> None:
-        """Trim the trajectory to the frames used, show the final estimate's frame, label the step axis."""
-        layer = self.find(TRAJECTORY_NAME)
-        if run.trajectory is None or layer is None:
+        """Put the frames used as the ``denoising trajectory`` layer, show the final estimate's frame, label the
+        step axis."""
+        if run.trajectory is None:
             return
         used = max(1, run.frames_used)
-        if used < run.trajectory.shape[0]:
-            run.trajectory = run.trajectory[:used]
-            layer.data = run.trajectory
-        else:
-            layer.refresh()
+        geo = {"scale": (1.0, *run.image.scale), "translate": (0.0, *run.image.translate)}
+        self.put(TRAJECTORY_NAME, run.trajectory[:used], "labels", geo, colormap=dict(LABEL_COLORS),
+                 metadata={OUTPUT_KEY: True, "axes": ["step", "slice", "row", "column"]}, visible=False)
         dims = self.viewer.dims
         if dims.ndim == 4 and max(lay.ndim for lay in self.viewer.layers) == 4:
             dims.set_current_step(0, used - 1)  # scrub back from the final estimate
@@ -214,6 +212,6 @@ class ResultLayers:
                 dims.axis_labels = ("denoising step", *dims.axis_labels[1:])
 
     def discard_stages(self) -> list[Callable[[], Any]]:
-        """Removing the live estimates of a run that did not finish (they are not results): one callable per
-        layer, for the run controller's stage scheduler."""
-        return [lambda: self.remove(DENOISING_NAME), lambda: self.remove(TRAJECTORY_NAME)]
+        """Removing the live estimate of a run that did not finish (it is not a result), for the run controller's
+        stage scheduler; its trajectory never became a layer."""
+        return [lambda: self.remove(DENOISING_NAME)]

@@ -1,11 +1,13 @@
 """The run controller: the pipeline in a napari thread worker, the streamed denoising steps, cancel, and the
 scheduler that puts the result layers one per turn of the Qt event loop.
 
-Only the GUI thread touches layers.  Every streamed step writes the current x0 estimate of the slices being
+Only the GUI thread touches layers.  Each batch first streams its presegmentation (step 0, shown at once, before
+the first denoiser pass).  Every streamed step writes the current x0 estimate of the slices being
 denoised into the ``denoising`` layer (class colours weighted by probability, additive over the scan) and
-into the ``denoising trajectory`` labels layer (step, slice, row, column; uint8 classes; at most
-``TRAJECTORY_BUDGET_BYTES``), so the history can be scrubbed after the run.  The worker converts each step
-to uint8 before handing it over, so the GUI work per update is one slice assignment and a refresh.
+into the run's trajectory (step, slice, row, column; uint8 classes; at most ``TRAJECTORY_BUDGET_BYTES``),
+which becomes the ``denoising trajectory`` labels layer when the run completes, so the history can be
+scrubbed.  The worker converts each step to uint8 before handing it over, so the GUI work per update is one
+slice assignment and a refresh.
 Cancel stops at the next denoising step: no result layer is added or changed, and the partial
 ``denoising`` layer is removed.
 """
@@ -26,8 +28,8 @@ from .state import CANCELLING, ActiveRun, RunRequest, RunState
 from .worker import StreamFrame, segment_in_thread
 
 
-#: least time between two updates of napari's progress bar and the status line during a run
-PROGRESS_INTERVAL_S = 1.0
+#: least time between two updates of the status line (the step and seconds) during a run
+STATUS_INTERVAL_S = 1.0
 
 
 def shows_any_slice(viewer, layer, idx) -> bool:
@@ -81,8 +83,7 @@ class RunController(QObject):
         self.layers = layers
         self.scheduler = StageScheduler(self)
         self.worker = None
-        self._pbar = None
-        self._pbar_shown = 0.0
+        self._status_shown = 0.0
 
     def start(self, request: RunRequest):
         """Start a run in a thread worker; returns the worker (``None`` while another run is going)."""
@@ -101,9 +102,9 @@ class RunController(QObject):
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker = worker
-        if run.stream_every > 0:  # one layer per event-loop turn, before the worker competes for the CPU
-            self.scheduler.schedule(lambda: self.layers.prepare_denoising(run),
-                                    lambda: self.layers.prepare_trajectory(run))
+        if run.stream_every > 0:  # the live canvas before the worker competes for the CPU
+            self.layers.prepare_trajectory(run)
+            self.scheduler.schedule(lambda: self.layers.prepare_denoising(run))
         self.scheduler.schedule(worker.start)
         return worker
 
@@ -126,24 +127,18 @@ class RunController(QObject):
             self._show_frame(ev)
             self.state.max_update_ms = max(self.state.max_update_ms, 1000 * (time.perf_counter() - t0))
             return
-        from napari.utils import progress
-
         if self.worker is None:  # a late event of a finished run
             return
-        pbar = self._pbar
-        if pbar is None:
-            pbar = self._pbar = progress(total=ev.total, desc="SpineSegDiff")
-            self.state.say(ev.message)
+        # the dock's own progress bar: a repaint of its few pixels.  napari's activity progress bar processes all
+        # pending Qt events on every change (a nested event loop and a main-window repaint: stalls of 100+ ms)
+        self.state.progress_changed.emit(ev.done, ev.total)
         now = time.perf_counter()
-        if ev.done < ev.total and now - self._pbar_shown < PROGRESS_INTERVAL_S:
-            return  # napari's progress widget repaints the main window on each change: at most once a second
-        self._pbar_shown = now
-        # napari's progress widget processes Qt events (a repaint) on each change: keep the local reference,
-        # change the count only (the step is in the dock's status line)
-        pbar.total = ev.total
-        pbar.update(ev.done - pbar.n)
-        if ev.done and self.state.run is not None:
-            self.state.say(f"{ev.message} ({now - self.state.run.started:.1f} s)")
+        if ev.done == 0:
+            self.state.say(ev.message)
+        elif ev.done == ev.total or now - self._status_shown >= STATUS_INTERVAL_S:
+            self._status_shown = now
+            if self.state.run is not None:
+                self.state.say(f"{ev.message} ({now - self.state.run.started:.1f} s)")
 
     def _show_frame(self, fr: StreamFrame) -> None:
         run = self.state.run
@@ -156,7 +151,7 @@ class RunController(QObject):
             layer.data[idx] = fr.rgb
             if shows_any_slice(self.state.viewer, layer, idx):
                 layer.refresh()  # else the new data is simply read when the user moves to these slices
-        if run.trajectory is not None:
+        if run.trajectory is not None and fr.step > 0:  # step 0 (the presegmentation) is shown, not recorded
             n_streamed = len(streamed_steps(fr.total_steps, run.stream_every))
             i = run.batch_counts.get(fr.batch, 0)
             run.batch_counts[fr.batch] = i + 1
@@ -190,9 +185,7 @@ class RunController(QObject):
 
     def _on_finished(self) -> None:
         run = self.state.run
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+        self.state.progress_changed.emit(0, 0)
         if run is not None and not run.completed:
             if run.pipeline_gen is not None:
                 run.pipeline_gen.close()  # the worker is done with it: stop the sampler now

@@ -77,6 +77,8 @@ class RunState(QObject):
     status_changed = Signal(str)
     #: The status line's text changed.
     message_changed = Signal(str)
+    #: A run's progress: denoiser passes done and in all (0, 0 when no run is going).
+    progress_changed = Signal(int, int)
     #: A run ended, on the GUI thread: "done", "cancelled" or "failed".
     run_finished = Signal(str)
     #: The result layers now hold a new (or merged) result: redraw what derives from them (the overlay).
