@@ -95,8 +95,10 @@ def test_cancel_stops_within_one_step_and_leaves_no_partial_result(qtbot, phanto
           f"of {state.total}")
     assert state.steps_done <= state.done_at_cancel + 1 < state.total
     names = [layer.name for layer in viewer.layers]
-    assert LABELS_NAME not in names and UNCERTAINTY_NAME not in names and DENOISING_NAME not in names
+    assert LABELS_NAME not in names and UNCERTAINTY_NAME not in names
     assert not any(n.startswith("P(") for n in names) and TRAJECTORY_NAME not in names
+    canvas = viewer.layers[DENOISING_NAME]  # the live canvas stays, hidden and empty, as after a finished run
+    assert not canvas.visible and not canvas.data.any()
     assert s.steps.enabled and s.run_button.enabled and not s.cancel_button.enabled
     assert "Cancelled" in w.status.text()
     configure(w, steps=2, slices="6")
@@ -147,7 +149,8 @@ def test_unavailable_device_fails_with_the_core_sentence(qtbot, phantom_viewer):
         w.run()
     assert blocker.args[0] == "failed"
     assert "Device 'cuda' was requested" in w.status.text()
-    assert LABELS_NAME not in viewer.layers and DENOISING_NAME not in viewer.layers
+    assert LABELS_NAME not in viewer.layers
+    assert DENOISING_NAME not in viewer.layers or not viewer.layers[DENOISING_NAME].visible
     assert w.segment.run_button.enabled and not w.is_running
 
 
@@ -209,3 +212,24 @@ def test_streamed_steps_redraw_only_when_their_slices_are_on_screen(qtbot, phant
     layer.visible = True
     viewer.dims.ndisplay = 3
     assert shows_any_slice(viewer, layer, [0])
+
+
+def test_progress_bar_fills_without_repainting_at_once(qtbot):
+    """The dock's progress bar: hidden without a run, filled to done / total, and it schedules a paint
+    (update) rather than painting on the spot (QProgressBar.setValue repaints the main window at once)."""
+    from napari_spinesegdiff._dock.progress import LazyProgressBar
+
+    bar = LazyProgressBar()
+    qtbot.addWidget(bar)
+    bar.show()
+    bar.set_progress(0, 0)
+    assert not bar.isVisible()
+    painted = []
+    bar.paintEvent = lambda event: painted.append(bar.fraction)
+    bar.set_progress(10, 40)
+    assert bar.isVisible() and bar.fraction == pytest.approx(0.25) and "10 of 40" in bar.toolTip()
+    assert painted == []  # no synchronous paint
+    qtbot.waitUntil(lambda: painted != [], timeout=2000)
+    assert painted[-1] == pytest.approx(0.25)
+    bar.set_progress(0, 0)
+    assert not bar.isVisible()

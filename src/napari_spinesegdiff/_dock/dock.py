@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtWidgets import QLabel, QProgressBar, QTabWidget, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
 
 from .export import Exporter
 from .layers import ResultLayers
 from .navigation import current_slice, go_to
+from .progress import LazyProgressBar
 from .queue import QueuePanel
 from .review import ReviewPanel
 from .run import RunController
@@ -54,8 +55,7 @@ class SpineSegDiffWidget(QWidget):
         self.tabs.addTab(self.queue, "Queue")
         self.status = QLabel(self.state.message)
         self.status.setWordWrap(True)
-        self.progress = QProgressBar()  # the run's denoiser passes; hidden when no run is going
-        self.progress.setVisible(False)
+        self.progress = LazyProgressBar()  # the run's denoiser passes; hidden when no run is going
         outer = QVBoxLayout(self)
         outer.addWidget(self.tabs)
         outer.addWidget(self.progress)
@@ -74,13 +74,7 @@ class SpineSegDiffWidget(QWidget):
         return self.state.is_running
 
     def _on_progress(self, done: int, total: int) -> None:
-        if total <= 0:
-            self.progress.setVisible(False)
-            return
-        if self.progress.maximum() != total:
-            self.progress.setRange(0, total)
-        self.progress.setValue(done)
-        self.progress.setVisible(True)
+        self.progress.set_progress(done, total)
 
     def run(self, _value=None):
         """Start a run of the Segment tab's settings; returns the worker (``None`` when refused)."""

@@ -62,6 +62,15 @@ def geometry_of(layer) -> dict[str, tuple]:
     return {"scale": tuple(layer.scale), "translate": tuple(layer.translate)}
 
 
+def place(layer, geometry: dict) -> None:
+    """Give ``layer`` the scale and translate of ``geometry``, setting only what differs (each setter
+    refreshes the layer: a re-slice and a thumbnail)."""
+    for key in ("scale", "translate"):
+        now, want = np.asarray(getattr(layer, key), float), np.asarray(geometry[key], float)
+        if now.shape != want.shape or not np.allclose(now, want):
+            setattr(layer, key, geometry[key])
+
+
 def written_label_names(class_names, vertebrae: str = "whole") -> dict[int, str]:
     """Names of a result's written labels: the label scheme's for a model whose channels it knows (label 2
     "vertebral body" and 4 "posterior elements" when vertebrae are split), else channel k as label k + 1."""
@@ -102,7 +111,7 @@ class ResultLayers:
             return add(data, name=name, **geometry, **kwargs)
         kwargs.pop("visible", None)  # an existing layer keeps the visibility the user gave it
         layer.data = data
-        layer.scale, layer.translate = geometry["scale"], geometry["translate"]
+        place(layer, geometry)
         for key in ("contrast_limits", "metadata", "features", "colormap"):
             if key in kwargs:
                 setattr(layer, key, kwargs[key])
@@ -183,7 +192,7 @@ class ResultLayers:
                                           metadata={OUTPUT_KEY: True}, **geometry_of(image))
         else:
             layer.data = data
-            layer.scale, layer.translate = tuple(image.scale), tuple(image.translate)
+            place(layer, geometry_of(image))
             layer.visible = True
         run.denoise_layer = layer
 
@@ -211,7 +220,11 @@ class ResultLayers:
             if dims.axis_labels[0] in ("0", "-4"):
                 dims.axis_labels = ("denoising step", *dims.axis_labels[1:])
 
-    def discard_stages(self) -> list[Callable[[], Any]]:
-        """Removing the live estimate of a run that did not finish (it is not a result), for the run controller's
-        stage scheduler; its trajectory never became a layer."""
-        return [lambda: self.remove(DENOISING_NAME)]
+    def discard_live(self) -> None:
+        """The live estimate of a run that did not finish is not a result: the ``denoising`` canvas is hidden and
+        cleared, as a finished run leaves it (removing a layer costs the viewer a re-slice and a redraw); its
+        trajectory never became a layer."""
+        layer = self.find(DENOISING_NAME)
+        if layer is not None:
+            layer.visible = False
+            layer.data[...] = 0  # in place: nothing redraws a hidden layer; the next run sets new data

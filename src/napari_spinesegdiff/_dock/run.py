@@ -8,8 +8,8 @@ into the run's trajectory (step, slice, row, column; uint8 classes; at most ``TR
 which becomes the ``denoising trajectory`` labels layer when the run completes, so the history can be
 scrubbed.  The worker converts each step to uint8 before handing it over, so the GUI work per update is one
 slice assignment and a refresh.
-Cancel stops at the next denoising step: no result layer is added or changed, and the partial
-``denoising`` layer is removed.
+Cancel stops at the next denoising step: no result layer is added or changed, and the partial estimate is
+cleared from the (hidden) ``denoising`` canvas.
 """
 
 from __future__ import annotations
@@ -189,8 +189,7 @@ class RunController(QObject):
         if run is not None and not run.completed:
             if run.pipeline_gen is not None:
                 run.pipeline_gen.close()  # the worker is done with it: stop the sampler now
-            # partial estimates, not results: one layer removal per event-loop turn (each re-slices the viewer)
-            self.scheduler.schedule(*self.layers.discard_stages())
+            self.layers.discard_live()  # partial estimates, not results
             if run.error is None:
                 self.state.say(f"Cancelled after {run.steps_done} of {run.total} steps; no result was kept.")
         outcome = run.outcome if run is not None else "cancelled"
