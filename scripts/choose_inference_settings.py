@@ -14,13 +14,12 @@ read.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
 
 from napari_spinesegdiff.config import SegmentationConfig
-from napari_spinesegdiff.evaluation.evaluate import load_eval_cases, split_patients
+from napari_spinesegdiff.evaluation.evaluate import load_eval_cases, split_patients, write_csv
 from napari_spinesegdiff.evaluation.metrics import dice
 from napari_spinesegdiff.labelscheme import ChannelRoles, merge_vertebrae
 from napari_spinesegdiff.pipeline import blend_presegmentation, finalize_labels, load_models, run
@@ -66,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "smooth_mm": s, "dice": round(dice(labels == c, case.truth == c, region), 4),
                                  "dice_mid": round(dice(labels[mid] == c, case.truth[mid] == c, region[mid]), 4)})
         print(f"{case.name}: done", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "inference_settings.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "inference_settings.csv", rows)
     print("| class | baseline_weight | smooth_mm | mean Dice | n |\n|---|---|---|---|---|")
     keys = sorted({(r["class"], r["baseline_weight"], r["smooth_mm"]) for r in rows})
     for cls, w, s in keys:

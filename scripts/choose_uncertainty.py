@@ -24,13 +24,12 @@ Candidates (per written structure, then the max over structures):
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
 
 from napari_spinesegdiff.config import SegmentationConfig
-from napari_spinesegdiff.evaluation.evaluate import BAND_VOXELS, load_eval_cases, split_patients
+from napari_spinesegdiff.evaluation.evaluate import BAND_VOXELS, load_eval_cases, split_patients, write_csv
 from napari_spinesegdiff.evaluation.metrics import auroc, band_mask
 from napari_spinesegdiff.labelscheme import ChannelRoles, merge_vertebrae
 from napari_spinesegdiff.pipeline import (LABEL_UNCERTAINTY_SCALE, binary_entropy, blend_presegmentation,
@@ -122,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"case": case.name, "map": name, "class": case.class_name(c),
                              "band_auroc": round(auroc(maps[c][sel], ((p != t) & region)[sel]), 4)})
         print(f"{case.name}: done", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "uncertainty_maps.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "uncertainty_maps.csv", rows)
     print("| map | SPIDER (all) | lumbar (all) | SPIDER per class | lumbar per class |\n|---|---|---|---|---|")
     for name in dict.fromkeys(r["map"] for r in rows):
         def mean(spider: bool, overall: bool) -> float:

@@ -23,7 +23,7 @@ DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
 BASE_FT3_ITER=${BASE_FT3_ITER:-5000}
 DIFF_FT3_ITER=${DIFF_FT3_ITER:-3000}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
-STAGE=${STAGE:-all}  # 1, 2, 3, 4 or all (1-3 = v3; 4 = v4 from the shipped v3 files)
+STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1 or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's presegmenter)
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
         --preset small --batch-size 8 --crop 160 160 --val-every 500
         --threads "${THREADS:-1}" --no-progress $RESUME)
@@ -61,6 +61,9 @@ if [ "$STAGE" = 1 ] || [ "$STAGE" = 2 ] || [ "$STAGE" = 3 ] || [ "$STAGE" = all 
     cp runs/diffusion_ft3/best.safetensors runs/v3/diffusion.safetensors
     cp runs/splits_lumbar.json src/napari_spinesegdiff/weights/splits_lumbar.json
 fi
+V4=(--data "lumbar:$DATA/lumbar" --data "slabs:$DATA/spider_t2space" --data phantom:40:1
+    --splits src/napari_spinesegdiff/weights/splits_v4.json --fold 0 --preset small --batch-size 8
+    --crop 160 160 --no-progress)
 if [ "$STAGE" = 4 ] || [ "$STAGE" = all ]; then
     V3=${V3:-runs/v3}  # the v3 files (as shipped before v4: git show e0a7f45:src/napari_spinesegdiff/weights/...)
     if [ ! -f "$V3/baseline.safetensors" ]; then
@@ -70,9 +73,6 @@ if [ "$STAGE" = 4 ] || [ "$STAGE" = all ]; then
         done
     fi
     .venv/bin/python scripts/make_splits_v4.py "$DATA" src/napari_spinesegdiff/weights/splits_v4.json
-    V4=(--data "lumbar:$DATA/lumbar" --data "slabs:$DATA/spider_t2space" --data phantom:40:1
-        --splits src/napari_spinesegdiff/weights/splits_v4.json --fold 0 --preset small --batch-size 8
-        --crop 160 160 --no-progress)
     # the presegmenter runs to iteration 1,000 (2 threads); then it finishes its 2,500 (1 thread) while the
     # diffusion model trains beside it (1 thread) with the presegmenter of iteration 1,000 as its prior
     .venv/bin/spinesegdiff train --kind baseline --iterations 2500 --stop-at 1000 --lr 5e-4 --seed 4 \
@@ -88,4 +88,17 @@ if [ "$STAGE" = 4 ] || [ "$STAGE" = all ]; then
     wait
     cp runs/v4_baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
     cp runs/v4_diffusion/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
+fi
+if [ "$STAGE" = 4.1 ] || [ "$STAGE" = all ]; then
+    # v4.1: a second, gentler cosine cycle of the presegmenter from v4's (2,000 iterations, 2 threads, 26 min);
+    # the diffusion model stays v4's
+    V4_BASELINE=${V4_BASELINE:-runs/v4_baseline/best.safetensors}  # v4's, as shipped in 2dc2a5f
+    if [ ! -f "$V4_BASELINE" ]; then
+        mkdir -p "$(dirname "$V4_BASELINE")"
+        git show "2dc2a5f:src/napari_spinesegdiff/weights/baseline.safetensors" > "$V4_BASELINE"
+    fi
+    .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 2.5e-4 --seed 6 --val-every 500 \
+        --init "$V4_BASELINE" "${V4[@]}" --threads 2 --out runs/v41_baseline \
+        >> runs/v41_baseline.log 2>&1
+    cp runs/v41_baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
 fi

@@ -268,10 +268,10 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
             print(f"{case.name:>20} {method:>15}: " + ", ".join(
                 f"{r['class']} {r['dice']:.3f}" for r in rows if r["case"] == case.name and r["method"] == method)
                 + f" ({seconds:.1f} s)")
-    _write_csv(out_dir / "per_case.csv", rows)
-    _write_csv(out_dir / "degenerated_discs.csv", deg_rows)
+    write_csv(out_dir / "per_case.csv", rows)
+    write_csv(out_dir / "degenerated_discs.csv", deg_rows)
     sweep_rows = _sweep(cases[: min(2, len(cases))], config, run, can_split=vertebrae == "split") if sweep else []
-    _write_csv(out_dir / "sweep.csv", sweep_rows)
+    write_csv(out_dir / "sweep.csv", sweep_rows)
     return _report(out_dir, rows, deg_rows, sweep_rows, rel, config, models, list(methods))
 
 
@@ -355,7 +355,9 @@ def _sweep(cases: Sequence[EvalCase], config: SegmentationConfig, run, n_slices:
     return out
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file with a header (an empty file for no rows)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         if rows:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
