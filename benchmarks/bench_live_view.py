@@ -6,7 +6,8 @@ The scan is bench_cli.py's (15 sagittal slices of 320 x 320 at 0.7 mm) unless ``
 settings are the defaults (ensemble 5, 10 steps, all slices, every step streamed).  The viewer is warm: a
 one-slice run first loads the models, as a user's second run would find them.  Gaps are measured by a 5 ms
 Qt timer on the GUI thread (a gap is the time between two of its ticks).  The CPU an idle viewer uses is
-printed too: under Xvfb, OpenGL is drawn in software (llvmpipe) on the same cores as the run.  Run on an otherwise idle machine:
+printed too: under Xvfb, OpenGL is drawn in software (llvmpipe) on the same cores as the run.  ``--why``
+prints where the GUI thread was during stalls.  Run on an otherwise idle machine:
 
     .venv/bin/python benchmarks/bench_live_view.py [--scan PATH] [--cancel-after 4]
 """
@@ -105,7 +106,7 @@ class StallSampler:
                 print(f"  {n:4d}  {key}")
 
 
-def wait_until(app, predicate, timeout: float) -> None:
+def wait_until(predicate, timeout: float) -> None:
     """Run Qt's event loop (as napari does: a blocking ``exec``, not a busy ``processEvents`` loop, which alone
     costs an idle viewer ~0.4 cores) until ``predicate()`` holds, checking every 5 ms."""
     from qtpy.QtCore import QEventLoop, QTimer
@@ -131,7 +132,7 @@ def wait_until(app, predicate, timeout: float) -> None:
         raise TimeoutError("the viewer did not finish in time")
 
 
-def viewer_run(app, viewer, w, meter: GapMeter, cancel_after: float | None) -> dict[str, float]:
+def viewer_run(w, meter: GapMeter, cancel_after: float | None) -> dict[str, float]:
     """One run from the Run button; returns first-step and total seconds (and the cancel figures)."""
     outcome: list[str] = []
     w.run_finished.connect(outcome.append)
@@ -152,15 +153,15 @@ def viewer_run(app, viewer, w, meter: GapMeter, cancel_after: float | None) -> d
     try:
         w.run()
         if cancel_after is not None:
-            wait_until(app, lambda: time.perf_counter() - t0 > cancel_after, cancel_after + 60)
+            wait_until(lambda: time.perf_counter() - t0 > cancel_after, cancel_after + 60)
             meter.phase = "cancel"
             tc = time.perf_counter()
             w.cancel()
-        wait_until(app, lambda: bool(outcome), 900)
+        wait_until(lambda: bool(outcome), 900)
         total = time.perf_counter() - t0
-        wait_until(app, lambda: not w.review.busy, 60)
+        wait_until(lambda: not w.review.busy, 60)
         settle = time.perf_counter() + 1.0
-        wait_until(app, lambda: time.perf_counter() > settle, 5)
+        wait_until(lambda: time.perf_counter() > settle, 5)
     finally:
         meter.on_tick = None
         meter.phase = "idle"
@@ -172,13 +173,13 @@ def viewer_run(app, viewer, w, meter: GapMeter, cancel_after: float | None) -> d
     return out
 
 
-def idle_cpu(app, seconds: float) -> float:
+def idle_cpu(seconds: float) -> float:
     """CPU cores this process uses while the viewer just sits there (software OpenGL under Xvfb redraws)."""
     import resource
 
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    wait_until(app, lambda: time.perf_counter() - t0 > seconds, seconds + 5)
+    wait_until(lambda: time.perf_counter() - t0 > seconds, seconds + 5)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) / (time.perf_counter() - t0)
 
@@ -210,13 +211,11 @@ def main() -> None:
     os.environ["SPINESEGDIFF_CONFIG_DIR"] = str(Path(tmp.name) / "config")  # the dock's defaults, not saved ones
     try:
         import napari
-        from qtpy.QtWidgets import QApplication
 
         from bench_cli import make_scan
 
         scan = args.scan or make_scan(Path(tmp.name))
         viewer = napari.Viewer(show=True)
-        app = QApplication.instance()
         layers = viewer.open(str(scan), plugin="spinesegdiff")
         time_stages()
         _dw, w = viewer.window.add_plugin_dock_widget("spinesegdiff", "SpineSegDiff")
@@ -229,19 +228,19 @@ def main() -> None:
         sampler = StallSampler(meter) if args.why else None
         # warm viewer: one slice, one step (loads the models)
         s.slice_mode.value, s.slice_range.value, s.steps.value = "range", "0", 1
-        viewer_run(app, viewer, w, meter, None)
-        idle_cores = idle_cpu(app, 5.0)
+        viewer_run(w, meter, None)
+        idle_cores = idle_cpu(5.0)
         s.slice_mode.value, s.steps.value = "all slices", 10
         s.ensemble.value, s.prior.value = 5, "baseline"  # not the first run's labels, now a choice too
         meter.gaps = {}  # the warm-up run's gaps (model loading) are not the warm viewer's
         if sampler is not None:
             sampler.samples.clear()
-        timed = viewer_run(app, viewer, w, meter, None)
+        timed = viewer_run(w, meter, None)
         assert w.state.result.provenance["config"]["prior"] == "baseline"
         timings = dict(w.state.result.provenance.get("timings", {})) if w.state.result else {}
         run_gaps = dict(meter.gaps)
         meter.gaps = {}
-        cancelled = viewer_run(app, viewer, w, meter, args.cancel_after)
+        cancelled = viewer_run(w, meter, args.cancel_after)
         cancel_gaps = dict(meter.gaps)
         viewer.close()
     finally:

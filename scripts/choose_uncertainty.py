@@ -31,34 +31,33 @@ import numpy as np
 from napari_spinesegdiff.config import SegmentationConfig
 from napari_spinesegdiff.evaluation.evaluate import BAND_VOXELS, load_eval_cases, split_patients, write_csv
 from napari_spinesegdiff.evaluation.metrics import auroc, band_mask
-from napari_spinesegdiff.labelscheme import ChannelRoles, merge_vertebrae
+from napari_spinesegdiff.labelscheme import ChannelRoles, merge_vertebrae, structure_probabilities
 from napari_spinesegdiff.pipeline import (LABEL_UNCERTAINTY_SCALE, binary_entropy, blend_presegmentation,
                                           finalize_labels, load_models, run)
 
 
-def written_channels(p: np.ndarray, roles: ChannelRoles, vertebrae: str) -> dict[int, np.ndarray]:
+def written_channels(p: np.ndarray, roles: ChannelRoles) -> dict[int, np.ndarray]:
     """Written label -> the map behind it, from a per-channel (C, ...) map: canal, disc, and for label 2 the
-    larger of the whole-vertebra and body channels' maps (whole vertebrae: the vertebra is drawn from both; split:
-    the body is the vertebra divided by the body channel), as :func:`pipeline.label_uncertainty` combines them."""
-    vert = np.maximum(p[roles.body], p[roles.whole])
-    return {1: p[roles.canal], 2: vert, 3: p[roles.disc]}
+    larger of the whole-vertebra and body channels' maps, as the pipeline's step maps combine channels."""
+    return {1: p[roles.canal], 2: np.maximum(p[roles.body], p[roles.whole]), 3: p[roles.disc]}
 
 
 def candidate_maps(pre, dif, step, smoothed, blended, roles, vertebrae) -> dict[str, dict[int, np.ndarray]]:
     """Candidate name -> written label -> map (all on the 0..1/e scale)."""
-    s = LABEL_UNCERTAINTY_SCALE
-    plogp = -np.clip(pre, 1e-4, 1) * np.log(np.clip(pre, 1e-4, 1))
+    import torch
+
+    from napari_spinesegdiff.model.sampler import step_uncertainty
+
     h = {}
     for key, prob in {"pre": pre, "dif": dif, "sm": smoothed, "bl": blended}.items():
-        # the entropy of each written structure's probability (the vertebra's is the larger of its channels'),
-        # and with split vertebrae that of the body channel, which divides label 2 from 4
-        ent = binary_entropy(prob) * s
-        vert = binary_entropy(np.maximum(prob[roles.body], prob[roles.whole])) * s
+        # the entropy of each written structure's probability, and with split vertebrae that of the body
+        # channel, which divides label 2 from 4 (as pipeline.label_uncertainty)
+        canal, vert, disc = binary_entropy(structure_probabilities(prob, roles)) * LABEL_UNCERTAINTY_SCALE
         if vertebrae == "split":
-            vert = np.maximum(vert, ent[roles.body])
-        h[key] = {1: ent[roles.canal], 2: vert, 3: ent[roles.disc]}
-    steps = written_channels(step, roles, vertebrae)
-    prior = written_channels(plogp, roles, vertebrae)
+            vert = np.maximum(vert, binary_entropy(prob[roles.body]) * LABEL_UNCERTAINTY_SCALE)
+        h[key] = {1: canal, 2: vert, 3: disc}
+    steps = written_channels(step, roles)
+    prior = written_channels(step_uncertainty(torch.from_numpy(pre)).numpy(), roles)  # -p log p
     labels = (1, 2, 3)
     return {
         "steps+prior": {c: np.maximum(steps[c], prior[c]) for c in labels},

@@ -404,8 +404,8 @@ def segment(
 ) -> Generator[Progress | StepUpdate, None, SegmentationResult]:
     """Segment a scan (see the module docstring).  ``prior_labels`` is used when ``config.prior`` is
     ``"labels"`` (a labels volume from the caller); a path in ``config.prior`` is read here.  Step updates
-    are yielded every ``stream_every`` steps (and always at a batch's last step), each batch's first as step 0 (its
-prior, before the first denoiser pass: what a viewer can show at once); ``0`` = none."""
+    are yielded every ``stream_every`` steps (and always at a batch's last step), each batch's first as step 0
+    (its prior, before the first denoiser pass: what a viewer can show at once); ``0`` = none."""
     import torch
 
     from .labelscheme import labels_to_channels
@@ -461,8 +461,7 @@ prior, before the first denoiser pass: what a viewer can show at once); ``0`` = 
             if stream_every and prior is not None:  # step 0: the presegmentation this batch's denoising starts from
                 p0 = grid.to_scan(prior.float()).cpu().numpy()
                 u0 = grid.to_scan(step_uncertainty(prior.float()).amax(dim=1, keepdim=True)).cpu().numpy()[:, 0]
-                yield StepUpdate(tuple(idx), 0, steps_per_batch, config.t_start if use_prior else schedule.T, bi,
-                                 len(batches), p0, u0)
+                yield StepUpdate(tuple(idx), 0, steps_per_batch, config.t_start, bi, len(batches), p0, u0)
         ts0 = time.perf_counter()
         roi = _Roi.around(prior, config.roi_margin_mm / float(ckpt.spacing_mm[0]))
         gen = sample(models.diffusion, roi.crop(x), schedule=schedule, steps=config.steps,
@@ -492,17 +491,17 @@ prior, before the first denoiser pass: what a viewer can show at once); ``0`` = 
             if config.prior == "baseline" and res.steps_run > 0 and config.baseline_weight > 0:
                 full_p = blend_presegmentation(full_p, prior.float(), config.baseline_weight)
             probs = grid.to_scan(full_p).cpu().numpy()  # (n, C, rows, cols)
-            if res.steps_run == 0:  # the presegmentation stands: its own -p log p is the uncertainty
-                full_u = step_uncertainty(full_p)
-            else:
-                prior_u = None if prior is None else step_uncertainty(prior)
-                full_u = roi.paste(res.uncertainty.float(), prior_u, x)
-                if prior_u is not None and config.uncertainty == "steps+prior":
-                    full_u = torch.maximum(full_u, prior_u)
-            class_unc = grid.to_scan(full_u).cpu().numpy()  # (n, C, rows, cols)
-            unc = class_unc.max(axis=1)
-        unc_c[idx] = unc
-        cunc_c[:, idx] = np.moveaxis(class_unc, 1, 0)
+            if config.uncertainty != "labels":  # the step maps; the "labels" map comes from the final probabilities
+                if res.steps_run == 0:  # the presegmentation stands: its own -p log p is the uncertainty
+                    full_u = step_uncertainty(full_p)
+                else:
+                    prior_u = None if prior is None else step_uncertainty(prior)
+                    full_u = roi.paste(res.uncertainty.float(), prior_u, x)
+                    if prior_u is not None and config.uncertainty == "steps+prior":
+                        full_u = torch.maximum(full_u, prior_u)
+                class_unc = grid.to_scan(full_u).cpu().numpy()  # (n, C, rows, cols)
+                unc_c[idx] = class_unc.max(axis=1)
+                cunc_c[:, idx] = np.moveaxis(class_unc, 1, 0)
         prob_c[:, idx] = np.moveaxis(probs, 1, 0)
         timings["post_s"] += time.perf_counter() - tq
 

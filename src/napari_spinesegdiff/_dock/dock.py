@@ -66,15 +66,12 @@ class SpineSegDiffWidget(QWidget):
         self.review.export_requested.connect(lambda: self.export_results())
         self.queue.scan_opened.connect(lambda _scan: self.review.refresh_qa())
         self.state.message_changed.connect(self.status.setText)
-        self.state.progress_changed.connect(self._on_progress)
+        self.state.progress_changed.connect(self.progress.set_progress)
         self.state.result_ready.connect(lambda: self.tabs.setCurrentIndex(REVIEW_TAB))
 
     @property
     def is_running(self) -> bool:
         return self.state.is_running
-
-    def _on_progress(self, done: int, total: int) -> None:
-        self.progress.set_progress(done, total)
 
     def run(self, _value=None):
         """Start a run of the Segment tab's settings; returns the worker (``None`` when refused)."""

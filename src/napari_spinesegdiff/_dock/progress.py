@@ -43,4 +43,3 @@ class LazyProgressBar(QWidget):
         rect.setWidth(rect.width() * self.fraction)
         painter.fillRect(rect, self.palette().color(QPalette.Highlight))
         painter.end()
-

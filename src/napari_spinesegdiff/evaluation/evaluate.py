@@ -234,7 +234,7 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
     test patients) of ``fold`` is evaluated.
     """
     from ..labelscheme import ChannelRoles
-    from ..pipeline import label_uncertainty, load_models, run
+    from ..pipeline import load_models, run
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,11 +252,8 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
         for method, (res, seconds, probs) in _method_results(case, config.replace(vertebrae=vertebrae), methods,
                                                               run, class_names).items():
             labels = res.canonical_labels if case.vertebrae == "split" else merge_vertebrae(res.canonical_labels)
-            unc, class_unc = res.canonical_uncertainty, res.canonical_class_uncertainty
-            if config.uncertainty == "labels":  # the map of the case's own label scheme, from its final probabilities
-                chosen = range(res.slices[0], res.slices[-1] + 1) if res.slices else range(0)
-                unc, class_unc = label_uncertainty(probs, class_names, case.vertebrae, chosen)
-            for r in score_case(case, labels, unc, class_unc, class_names):
+            for r in score_case(case, labels, res.canonical_uncertainty, res.canonical_class_uncertainty,
+                                class_names):
                 rows.append({"method": method, **r, "seconds": round(seconds, 2)})
             deg_rows += _degenerated_rows(case, labels, method)
             region = case.in_range if case.in_range is not None else slice(None)
@@ -282,42 +279,52 @@ def _method_results(case: EvalCase, config: SegmentationConfig, methods: Sequenc
     is their blend.  Each method's labels are then made by the pipeline's own last stage
     (:func:`finalize_labels`, with ``config``'s smoothing and vertebrae), which is what a run with that
     method's settings computes (blending and smoothing are linear and commute with the resampling to the
-    scan grid).  The step-uncertainty maps are the runs' own; the ``"labels"`` map is made by the caller
-    from the final probabilities.  Returns method -> (result with its
-    labels, seconds of the runs it needs, the final probabilities)."""
+    scan grid).  The step-uncertainty maps are the runs' own; the ``"labels"`` map is made from each method's
+    final probabilities, in the case's own label scheme (``case.vertebrae``).  Returns method -> (result with its
+    labels and uncertainty, seconds of the runs it needs, the final probabilities)."""
     import dataclasses
 
-    from ..pipeline import blend_presegmentation, finalize_labels
+    from ..pipeline import blend_presegmentation, finalize_labels, label_uncertainty
 
+    out = {}
     if list(methods) == ["default"]:  # one run with the default settings is cheaper than two
         t0 = time.perf_counter()
         res = run(case.image, config.replace(prior="baseline"), stream_every=0)
-        return {"default": (res, time.perf_counter() - t0, res.canonical_probabilities)}
-    raw = config.replace(prior="baseline", baseline_weight=0.0, smooth_mm=0.0, vertebrae="whole")
-    spacing = case.image.orientation.canonical_spacing
-    runs: dict[str, tuple] = {}
-    for name, needed, cfg in (("presegmentation", ("presegmentation", "default"), raw.replace(t_start=0)),
-                              ("diffusion", ("diffusion", "default"), raw)):
-        if any(m in methods for m in needed):
-            t0 = time.perf_counter()
-            res = run(case.image, cfg, stream_every=0)
-            runs[name] = (res, time.perf_counter() - t0)
-    out = {}
-    for method in methods:
-        if method == "default":
-            (pre, s_pre), (dif, s_dif) = runs["presegmentation"], runs["diffusion"]
-            probs = blend_presegmentation(dif.canonical_probabilities, pre.canonical_probabilities,
-                                          config.baseline_weight)
-            base, seconds = dif, s_pre + s_dif
-        else:
-            base, seconds = runs[method]
-            probs = base.canonical_probabilities
-        probs = np.array(probs, np.float32)  # finalize_labels smooths in place
-        chosen = range(base.slices[0], base.slices[-1] + 1) if base.slices else range(0)
-        labels = finalize_labels(probs, spacing, config, chosen, class_names)
-        out[method] = (dataclasses.replace(base, canonical_labels=labels, canonical_probabilities=probs), seconds,
-                       probs)
+        out["default"] = (res, time.perf_counter() - t0, res.canonical_probabilities)
+    else:
+        raw = config.replace(prior="baseline", baseline_weight=0.0, smooth_mm=0.0, vertebrae="whole")
+        spacing = case.image.orientation.canonical_spacing
+        runs: dict[str, tuple] = {}
+        for name, needed, cfg in (("presegmentation", ("presegmentation", "default"), raw.replace(t_start=0)),
+                                  ("diffusion", ("diffusion", "default"), raw)):
+            if any(m in methods for m in needed):
+                t0 = time.perf_counter()
+                res = run(case.image, cfg, stream_every=0)
+                runs[name] = (res, time.perf_counter() - t0)
+        for method in methods:
+            if method == "default":
+                (pre, s_pre), (dif, s_dif) = runs["presegmentation"], runs["diffusion"]
+                probs = blend_presegmentation(dif.canonical_probabilities, pre.canonical_probabilities,
+                                              config.baseline_weight)
+                base, seconds = dif, s_pre + s_dif
+            else:
+                base, seconds = runs[method]
+                probs = base.canonical_probabilities
+            probs = np.array(probs, np.float32)  # finalize_labels smooths in place
+            labels = finalize_labels(probs, spacing, config, _segmented(base), class_names)
+            out[method] = (dataclasses.replace(base, canonical_labels=labels, canonical_probabilities=probs),
+                           seconds, probs)
+    if config.uncertainty == "labels":
+        for method, (res, seconds, probs) in out.items():
+            unc, class_unc = label_uncertainty(probs, class_names, case.vertebrae, _segmented(res))
+            out[method] = (dataclasses.replace(res, canonical_uncertainty=unc, canonical_class_uncertainty=class_unc),
+                           seconds, probs)
     return out
+
+
+def _segmented(res) -> range:
+    """The contiguous range of canonical slices a result segmented."""
+    return range(res.slices[0], res.slices[-1] + 1) if res.slices else range(0)
 
 
 def _sweep(cases: Sequence[EvalCase], config: SegmentationConfig, run, n_slices: int = 3,
