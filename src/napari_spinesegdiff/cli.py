@@ -315,6 +315,9 @@ def _add_train(sub) -> None:
     p.add_argument("--phantom-share", type=float, default=0.3, help="share of batches drawn from phantoms")
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--spacing", type=float, nargs=2, default=(1.0, 1.0), help="model in-plane spacing (mm)")
+    p.add_argument("--soft-targets", action="store_true",
+                   help="partial-volume targets: each model pixel's share of a structure, so boundaries fall "
+                        "between model pixels (the image is then resampled as at inference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
@@ -336,7 +339,7 @@ def cmd_train(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        cases = gather(args.data, tuple(args.spacing))
+        cases = gather(args.data, tuple(args.spacing), soft=args.soft_targets)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
     if not cases:
@@ -349,7 +352,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(kind=args.kind, preset=args.preset, iterations=args.iterations,
                       batch_size=args.batch_size, crop=tuple(args.crop), lr=args.lr, warmup=args.warmup,
                       phantom_share=args.phantom_share,
-                      spacing_mm=tuple(args.spacing), val_every=args.val_every, seed=args.seed,
+                      spacing_mm=tuple(args.spacing), soft_targets=args.soft_targets,
+                      val_every=args.val_every, seed=args.seed,
                       threads=args.threads, device=args.device, init=args.init, prior=args.prior,
                       prior_share=args.prior_share, stop_at=args.stop_at, data=list(args.data),
                       command="spinesegdiff " + " ".join(sys.argv[1:]))

@@ -10,10 +10,11 @@ import torch
 from .data import NUM_CLASSES, TrainCase
 
 
-def build_augment(crop: tuple[int, int], seed: int):
+def build_augment(crop: tuple[int, int], seed: int, soft_targets: bool = False):
     """MONAI dictionary transforms: affine jitter (rotation, scale, shear), elastic-free; intensity,
     contrast (gamma), bias, noise and blur.  No flips: in a sagittal slice anterior/posterior and
-    superior/inferior are anatomical directions, and a left-right flip does not change a 2-D slice."""
+    superior/inferior are anatomical directions, and a left-right flip does not change a 2-D slice.
+    Targets are warped by nearest neighbour, or bilinearly when they are partial-volume (``soft_targets``)."""
     from monai import transforms as mt
 
     keys = ["image", "target", "known"]
@@ -21,7 +22,8 @@ def build_augment(crop: tuple[int, int], seed: int):
         [
             mt.RandAffined(
                 keys=keys, prob=0.8, rotate_range=0.2, scale_range=(0.15, 0.15), shear_range=(0.05, 0.05),
-                translate_range=(8, 8), spatial_size=crop, mode=("bilinear", "nearest", "nearest"),
+                translate_range=(8, 8), spatial_size=crop,
+                mode=("bilinear", "bilinear" if soft_targets else "nearest", "nearest"),
                 padding_mode="zeros",
             ),
             mt.RandScaleIntensityd(keys="image", factors=0.2, prob=0.5),
@@ -53,7 +55,8 @@ class SliceBatches:
         self.rng = np.random.default_rng(seed)
         w = np.ones(len(cases)) if case_weights is None else np.asarray(case_weights, float)
         self.case_p = w / w.sum()
-        self.augment = build_augment(self.crop, seed) if augment else None
+        soft = any(np.asarray(c.target).dtype.kind == "f" for c in self.cases)
+        self.augment = build_augment(self.crop, seed, soft) if augment else None
 
     def _crop(self, case: TrainCase):
         k = int(self.rng.choice(len(case.image), p=case.slice_weights))

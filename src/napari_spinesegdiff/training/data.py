@@ -48,7 +48,7 @@ class TrainCase:
     patient: str
     group: str  # stratum for folds (e.g. IVD, VB1, phantom)
     image: np.ndarray  # (N, H, W) float32, normalised
-    target: np.ndarray  # (N, C, H, W) uint8 in {0, 1}
+    target: np.ndarray  # (N, C, H, W) uint8 in {0, 1}, or float16 in [0, 1] (partial-volume targets)
     known: np.ndarray  # (C,) bool: channel labelled in this case
     rows: tuple[int, int] | None = None  # SI rows [r0, r1) where labels are complete; None = all
     slice_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -92,15 +92,49 @@ def _model_grid(canonical: np.ndarray, spacing: Sequence[float], target: Sequenc
     return ndimage.zoom(canonical, zoom, order=order, prefilter=False)
 
 
+def _soft_grid(canonical: np.ndarray, spacing: Sequence[float], target: Sequence[float], kind: str) -> np.ndarray:
+    """In-plane resampling exactly as inference does it (:class:`~..preprocess.SliceGrid`: pixel centres,
+    ``align_corners=False``).  ``kind="image"``: bilinear, as the pipeline feeds the network.
+    ``kind="mask"``: the share of each model pixel that the mask covers (area average when shrinking,
+    bilinear when enlarging), so a boundary inside a model pixel is a value between 0 and 1."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..preprocess import SliceGrid
+
+    grid = SliceGrid(tuple(canonical.shape[1:]), (float(spacing[1]), float(spacing[2])), tuple(target))
+    if grid.identity:
+        return canonical.astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(canonical, dtype=np.float32))[:, None]
+    size = grid.model_shape
+    if kind == "mask" and all(o <= i for o, i in zip(size, canonical.shape[1:])):
+        out = F.interpolate(t, size=size, mode="area")
+    else:
+        out = grid.to_model(t)
+    return out[:, 0].numpy()
+
+
 def _finish(name, patient, group, image_c, target_c, spacing, target_spacing, known, rows_from_labels,
-            intensity, body_inside_whole_unknown: bool = False) -> TrainCase:
+            intensity, body_inside_whole_unknown: bool = False, soft: bool = False) -> TrainCase:
     """Normalise, resample in-plane, and compute the label row range and slice weights.  With
     ``body_inside_whole_unknown`` the body channel is known (0) outside the whole vertebrae and unknown
-    inside them (datasets that label whole vertebrae only)."""
-    image = normalize_intensity(_model_grid(image_c.astype(np.float32), spacing, target_spacing, 1), intensity)
-    target = np.stack(
-        [_model_grid(target_c[:, c], spacing, target_spacing, 0) for c in range(NUM_CLASSES)], axis=1
-    ).astype(np.uint8)
+    inside them (datasets that label whole vertebrae only).
+
+    ``soft=False`` (the recipe of models v1-v4.1): image by :func:`scipy.ndimage.zoom` (order 1), targets by
+    nearest neighbour, uint8 in {0, 1}.  ``soft=True``: the image resampled as the pipeline resamples it and
+    partial-volume targets (float16 in [0, 1], :func:`_soft_grid`): a nearest-neighbour target can only place
+    a boundary on the model grid (1 mm), which caps the Dice of a perfect model at about 0.95 for SPIDER's
+    discs at 0.47 mm; partial-volume targets let the network place it between model pixels."""
+    if soft:
+        image = normalize_intensity(_soft_grid(image_c, spacing, target_spacing, "image"), intensity)
+        target = np.stack(
+            [_soft_grid(target_c[:, c], spacing, target_spacing, "mask") for c in range(NUM_CLASSES)], axis=1
+        ).astype(np.float16)
+    else:
+        image = normalize_intensity(_model_grid(image_c.astype(np.float32), spacing, target_spacing, 1), intensity)
+        target = np.stack(
+            [_model_grid(target_c[:, c], spacing, target_spacing, 0) for c in range(NUM_CLASSES)], axis=1
+        ).astype(np.uint8)
     rows = None
     if rows_from_labels:
         any_rows = np.flatnonzero(target[:, known].any(axis=(0, 1, 3)))
@@ -116,7 +150,7 @@ def _finish(name, patient, group, image_c, target_c, spacing, target_spacing, kn
 
 
 def lumbar_cases(root: Path, names: Iterable[str] | None = None, target_spacing=(1.0, 1.0),
-                 intensity=None) -> list[TrainCase]:
+                 intensity=None, soft: bool = False) -> list[TrainCase]:
     """Cases of the ``lumbar`` layout (partial labels: one structure per case)."""
     from ..io.readers import read_pair
 
@@ -140,11 +174,12 @@ def lumbar_cases(root: Path, names: Iterable[str] | None = None, target_spacing=
         target[:, channel] = canon_lab
         spacing = image.orientation.canonical_spacing
         cases.append(_finish(name, name, name.split("_")[0], image.canonical(), target, spacing,
-                             target_spacing, known, True, intensity))
+                             target_spacing, known, True, intensity, soft=soft))
     return cases
 
 
-def _paired_layout(images: list[Path], label_for, group: str, target_spacing, intensity, patient_of) -> list[TrainCase]:
+def _paired_layout(images: list[Path], label_for, group: str, target_spacing, intensity, patient_of,
+                   soft: bool = False) -> list[TrainCase]:
     from ..io.labels import to_classes
     from ..io.readers import read_pair
 
@@ -159,7 +194,8 @@ def _paired_layout(images: list[Path], label_for, group: str, target_spacing, in
         name = _case_name(img_path)
         cases.append(_finish(name, patient_of(name), group, image.canonical(), target,
                              image.orientation.canonical_spacing, target_spacing,
-                             np.ones(NUM_CLASSES, bool), False, intensity, body_inside_whole_unknown=True))
+                             np.ones(NUM_CLASSES, bool), False, intensity, body_inside_whole_unknown=True,
+                             soft=soft))
     return cases
 
 
@@ -169,38 +205,40 @@ def _case_name(path: Path) -> str:
     return re.sub(r"(_0000|_image)$", "", file_stem(path))
 
 
-def slab_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
+def slab_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None, soft: bool = False) -> list[TrainCase]:
     """``<case>_image.nii.gz`` + ``<case>_label.nii.gz``, every structure labelled (1 canal, 2 whole
     vertebra, 3 disc), as in ``shared/data/spider_t2space``; patient = case, group ``spider``."""
     root = Path(root)
     return _paired_layout(
         sorted(root.glob("*_image.nii.gz")),
         lambda p: p.with_name(p.name[: -len("_image.nii.gz")] + "_label.nii.gz"),
-        "spider", target_spacing, intensity, lambda n: n,
+        "spider", target_spacing, intensity, lambda n: n, soft,
     )
 
 
-def spider_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
+def spider_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None, soft: bool = False) -> list[TrainCase]:
     """SPIDER raw layout: ``images/<id>_<seq>.mha`` and ``masks/<id>_<seq>.mha``; patient = ``<id>``."""
     root = Path(root)
     return _paired_layout(
         sorted((root / "images").glob("*.mha")),
         lambda p: root / "masks" / p.name,
-        "spider", target_spacing, intensity, lambda n: n.split("_")[0],
+        "spider", target_spacing, intensity, lambda n: n.split("_")[0], soft,
     )
 
 
-def nnunet_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
+def nnunet_cases(root: Path, target_spacing=(1.0, 1.0), intensity=None, soft: bool = False) -> list[TrainCase]:
     """nnU-Net layout: ``imagesTr/<case>_0000.nii.gz`` and ``labelsTr/<case>.nii.gz``."""
     root = Path(root)
     return _paired_layout(
         sorted((root / "imagesTr").glob("*_0000.nii.gz")),
         lambda p: root / "labelsTr" / (_case_name(p) + ".nii.gz"),
         "nnunet", target_spacing, intensity, lambda n: re.sub(r"_(t1|t2|t2_space)$", "", n, flags=re.I),
+        soft,
     )
 
 
-def phantom_cases(n: int, seed: int = 0, target_spacing=(1.0, 1.0), intensity=None) -> list[TrainCase]:
+def phantom_cases(n: int, seed: int = 0, target_spacing=(1.0, 1.0), intensity=None,
+                  soft: bool = False) -> list[TrainCase]:
     """``n`` synthetic spines with varied contrast, degeneration and spacing (all classes known)."""
     from ..phantom import make_phantom
 
@@ -218,33 +256,36 @@ def phantom_cases(n: int, seed: int = 0, target_spacing=(1.0, 1.0), intensity=No
         target = np.moveaxis(classes_to_channels(ph.labels.canonical(), ph.posterior_elements.canonical()), 0, 1)
         case = _finish(f"phantom_{seed}_{i}", f"phantom_{seed}_{i}", "phantom", ph.image.canonical(), target,
                        ph.image.orientation.canonical_spacing, target_spacing, np.ones(NUM_CLASSES, bool),
-                       False, intensity)
+                       False, intensity, soft=soft)
         cases.append(case)
     return cases
 
 
-def load_cases(spec: str, target_spacing=(1.0, 1.0), intensity=None, names=None) -> list[TrainCase]:
-    """``lumbar:PATH`` | ``slabs:PATH`` | ``spider:PATH`` | ``nnunet:PATH`` | ``phantom:N[:SEED]``."""
-    cases = _load_cases(spec, target_spacing, intensity, names)
+def load_cases(spec: str, target_spacing=(1.0, 1.0), intensity=None, names=None,
+               soft: bool = False) -> list[TrainCase]:
+    """``lumbar:PATH`` | ``slabs:PATH`` | ``spider:PATH`` | ``nnunet:PATH`` | ``phantom:N[:SEED]``.
+
+    ``soft``: partial-volume targets (see :func:`_finish`)."""
+    cases = _load_cases(spec, target_spacing, intensity, names, soft)
     source = {"slabs": "spider"}.get(spec.partition(":")[0], spec.partition(":")[0])
     for c in cases:
         c.source = source
     return cases
 
 
-def _load_cases(spec: str, target_spacing, intensity, names) -> list[TrainCase]:
+def _load_cases(spec: str, target_spacing, intensity, names, soft: bool) -> list[TrainCase]:
     kind, _, rest = spec.partition(":")
     if kind == "lumbar":
-        return lumbar_cases(Path(rest), names, target_spacing, intensity)
+        return lumbar_cases(Path(rest), names, target_spacing, intensity, soft)
     if kind == "slabs":
-        return slab_cases(Path(rest), target_spacing, intensity)
+        return slab_cases(Path(rest), target_spacing, intensity, soft)
     if kind == "spider":
-        return spider_cases(Path(rest), target_spacing, intensity)
+        return spider_cases(Path(rest), target_spacing, intensity, soft)
     if kind == "nnunet":
-        return nnunet_cases(Path(rest), target_spacing, intensity)
+        return nnunet_cases(Path(rest), target_spacing, intensity, soft)
     if kind == "phantom":
         n, _, seed = rest.partition(":")
-        return phantom_cases(int(n), int(seed or 0), target_spacing, intensity)
+        return phantom_cases(int(n), int(seed or 0), target_spacing, intensity, soft)
     raise ValueError(f"Unknown data source {spec!r}: use lumbar:PATH, slabs:PATH, spider:PATH, nnunet:PATH or "
                      "phantom:N.")
 

@@ -45,8 +45,8 @@ def balanced_weights(cases: Sequence[TrainCase], phantom_share: float = 0.3) -> 
     return weights
 
 
-def gather(sources: Sequence[str], spacing=(1.0, 1.0)) -> list[TrainCase]:
+def gather(sources: Sequence[str], spacing=(1.0, 1.0), soft: bool = False) -> list[TrainCase]:
     cases: list[TrainCase] = []
     for spec in sources:
-        cases += load_cases(spec, target_spacing=spacing)
+        cases += load_cases(spec, target_spacing=spacing, soft=soft)
     return cases

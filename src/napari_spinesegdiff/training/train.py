@@ -49,6 +49,7 @@ class TrainConfig:
     t_focus: int = 400
     phantom_share: float = 0.3
     spacing_mm: tuple[float, float] = (1.0, 1.0)
+    soft_targets: bool = False  # partial-volume targets on the model grid (training.data._finish)
     val_every: int = 250
     seed: int = 0
     threads: int | None = None
@@ -180,6 +181,7 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
         sel = sel[np.linspace(0, sel.size - 1, min(sel.size, max_slices)).round().astype(int)]
         image = torch.as_tensor(case.image[sel, None]).to(device)
         target = torch.as_tensor(case.target[sel], dtype=torch.float32).to(device)
+        hard = (target > 0.5).float()  # partial-volume targets are scored as the labels they round to
         known = torch.as_tensor(np.stack([case.known_mask(k) for k in sel]), dtype=torch.float32).to(device)
         if cfg.kind == "baseline":
             ts = [None]
@@ -198,7 +200,7 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
                     logits = net(schedule.q_sample(x0, t, noise), t, img)
                 preds.append((logits > 0).float())
             pred = torch.cat(preds) * known
-            tgt = target * known
+            tgt = hard * known
             for c in np.flatnonzero(case.known):
                 if not bool(tgt[:, c].any()):
                     continue  # nothing of this channel is labelled here (SPIDER's bodies): no Dice to take
