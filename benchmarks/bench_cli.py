@@ -14,7 +14,7 @@ Then one denoiser pass (batch 20 = 4 slices x ensemble 5, 224 x 160 pixels: this
 the 1 mm model grid) per engine, its floating-point operations counted by torch's FlopCounterMode, the achieved
 GFLOP/s beside a 2048 x 2048 float32 matmul measured in the same run.  Run on an otherwise idle machine:
 
-    .venv/bin/python benchmarks/bench_cli.py [--repeats 3] [--slices all]
+    .venv/bin/python benchmarks/bench_cli.py [--repeats 3] [--slices all] [--variants default,fresh,torch,untuned]
 """
 
 from __future__ import annotations
@@ -102,21 +102,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slices", default="all")
+    ap.add_argument("--variants", default="default,fresh,torch,untuned",
+                    help="comma-separated subset of default, fresh, torch, untuned")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the GFLOP/s measurement")
     args = ap.parse_args()
+    wanted = {v.strip() for v in args.variants.split(",")}
+    unknown = wanted - {"default", "fresh", "torch", "untuned"}
+    if unknown:
+        ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory() as tmp:
         cache = str(Path(tmp) / "cache")
         fresh = Path(tmp) / "fresh"
         variants = {
-            "default (onnxruntime, cached export)": ({"SPINESEGDIFF_CACHE": cache}, []),
-            "first run on a fresh machine (export included)": ({"SPINESEGDIFF_CACHE": str(fresh)}, []),
-            "--engine torch": ({}, ["--engine", "torch"]),
-            "--engine torch, allocator untuned (SPINESEGDIFF_MALLOC=0)": ({"SPINESEGDIFF_MALLOC": "0"},
+            "default (onnxruntime, cached export)": ("default", {"SPINESEGDIFF_CACHE": cache}, []),
+            "first run on a fresh machine (export included)": ("fresh", {"SPINESEGDIFF_CACHE": str(fresh)}, []),
+            "--engine torch": ("torch", {}, ["--engine", "torch"]),
+            "--engine torch, allocator untuned (SPINESEGDIFF_MALLOC=0)": ("untuned", {"SPINESEGDIFF_MALLOC": "0"},
                                                                           ["--engine", "torch"]),
         }
+        variants = {name: (env, extra) for name, (key, env, extra) in variants.items() if key in wanted}
         scan = make_scan(Path(tmp))
         out = Path(tmp) / "labels.nii.gz"
         run_once(scan, out, {**os.environ, "SPINESEGDIFF_CACHE": cache}, "mid", [])  # fills the cache
-        results = {}
+        results, spread = {}, {}
         for name, (env_extra, extra) in variants.items():
             runs = []
             for _ in range(args.repeats):
@@ -124,16 +132,17 @@ def main() -> None:
                     subprocess.run(["rm", "-rf", str(fresh)], check=True)
                 runs.append(run_once(scan, out, {**os.environ, **env_extra}, args.slices, extra))
             results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            spread[name] = f"{min(r['wall'] for r in runs):.1f}-{max(r['wall'] for r in runs):.1f}"
         os.environ["SPINESEGDIFF_CACHE"] = cache
-        flops_lines = throughput()
-    base = results["default (onnxruntime, cached export)"]["wall"]
+        flops_lines = [] if args.no_throughput else throughput()
+    base = next(iter(results.values()))["wall"]
     load = os.getloadavg()[0]
     print(f"15-slice 320 x 320 scan (0.7 mm), ensemble 5, 10 steps, slices {args.slices}, "
           f"{os.cpu_count()} CPUs, median of {args.repeats} whole processes; load average {load:.2f} after")
-    print("| variant | wall s | user s | system s | minor page faults | wall / default |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | wall s (median) | min-max | user s | system s | minor page faults | wall / first row |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['wall']:.1f} | {r['user']:.1f} | {r['sys']:.1f} | {r['faults']:.0f} | "
+        print(f"| {name} | {r['wall']:.1f} | {spread[name]} | {r['user']:.1f} | {r['sys']:.1f} | {r['faults']:.0f} | "
               f"{r['wall'] / base:.2f} |")
     print()
     print("\n".join(flops_lines))

@@ -23,7 +23,8 @@ DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
 BASE_FT3_ITER=${BASE_FT3_ITER:-5000}
 DIFF_FT3_ITER=${DIFF_FT3_ITER:-3000}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
-STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1 or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's presegmenter)
+STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2 or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
+                     # presegmenter; 4.2 = both networks fine-tuned on partial-volume targets)
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
         --preset small --batch-size 8 --crop 160 160 --val-every 500
         --threads "${THREADS:-1}" --no-progress $RESUME)
@@ -101,4 +102,27 @@ if [ "$STAGE" = 4.1 ] || [ "$STAGE" = all ]; then
         --init "$V4_BASELINE" "${V4[@]}" --threads 2 --out runs/v41_baseline \
         >> runs/v41_baseline.log 2>&1
     cp runs/v41_baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
+fi
+if [ "$STAGE" = 4.2 ] || [ "$STAGE" = all ]; then
+    # v4.2: partial-volume targets (--soft-targets: each 1 mm model pixel's covered share of a structure, the
+    # image resampled exactly as at inference).  The presegmenter from v4.1's (1,500 iterations, 2 threads,
+    # 17 min), then the diffusion model from v4's with the new presegmenter as its prior (1,000 iterations,
+    # 2 threads, 17 min), one after the other
+    V41_BASELINE=${V41_BASELINE:-runs/v41_baseline/best.safetensors}  # v4.1's, as shipped in c2a8be4
+    V4_DIFFUSION=${V4_DIFFUSION:-runs/v4_diffusion/best.safetensors}  # v4's, as shipped in 2dc2a5f
+    for pair in "$V41_BASELINE:c2a8be4:baseline" "$V4_DIFFUSION:2dc2a5f:diffusion"; do
+        IFS=: read -r file rev part <<< "$pair"
+        if [ ! -f "$file" ]; then
+            mkdir -p "$(dirname "$file")"
+            git show "$rev:src/napari_spinesegdiff/weights/$part.safetensors" > "$file"
+        fi
+    done
+    .venv/bin/spinesegdiff train --kind baseline --iterations 1500 --lr 2.5e-4 --seed 7 --val-every 500 \
+        --soft-targets --init "$V41_BASELINE" "${V4[@]}" --threads 2 --out runs/v42_baseline \
+        >> runs/v42_baseline.log 2>&1
+    .venv/bin/spinesegdiff train --kind diffusion --iterations 1000 --lr 2.5e-4 --seed 8 --val-every 250 \
+        --soft-targets --init "$V4_DIFFUSION" --prior runs/v42_baseline/best.safetensors --prior-share 0.8 \
+        "${V4[@]}" --threads 2 --out runs/v42_diffusion >> runs/v42_diffusion.log 2>&1
+    cp runs/v42_baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
+    cp runs/v42_diffusion/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
 fi
