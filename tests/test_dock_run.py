@@ -233,3 +233,24 @@ def test_progress_bar_fills_without_repainting_at_once(qtbot):
     assert painted[-1] == pytest.approx(0.25)
     bar.set_progress(0, 0)
     assert not bar.isVisible()
+
+
+def test_a_users_layer_with_a_result_name_is_never_touched(qtbot, phantom_viewer):
+    """A layer of the user's that happens to be called ``uncertainty`` keeps its data through two runs; the
+    dock's own map arrives beside it (napari names it ``uncertainty [1]``) and the second run merges into that
+    one instead of adding a third."""
+    viewer, w = phantom_viewer()
+    image = viewer.layers[IMAGE]
+    mine = viewer.add_image(np.full(image.data.shape, 7.0, np.float32), name=UNCERTAINTY_NAME)
+    configure(w, steps=2, slices="6", batch=1)
+    assert run(qtbot, w) == "done"
+    ours = [layer for layer in viewer.layers if layer.name.startswith(UNCERTAINTY_NAME)]
+    assert len(ours) == 2 and mine in viewer.layers and mine.name == UNCERTAINTY_NAME
+    np.testing.assert_array_equal(mine.data, 7.0)
+    result = next(layer for layer in ours if layer is not mine)
+    assert result.data[6].max() > 0 and float(result.data.max()) <= 1 / np.e + 1e-5
+    configure(w, steps=2, slices="7", batch=1)
+    assert run(qtbot, w) == "done"
+    assert [layer for layer in viewer.layers if layer.name.startswith(UNCERTAINTY_NAME)] == ours
+    assert result.data[6].max() > 0 and result.data[7].max() > 0  # merged: both runs' slices
+    np.testing.assert_array_equal(mine.data, 7.0)

@@ -90,7 +90,13 @@ class ResultLayers:
         return self.state.viewer
 
     def find(self, name: str):
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        """The dock's own layer ``name`` (flagged ``OUTPUT_KEY``), also when napari renamed it ``name [1]``
+        because a layer of the user's had the name.  A user's layer is never found, so never updated, merged
+        into or removed by a run or the queue."""
+        for layer in self.viewer.layers:
+            if (layer.metadata or {}).get(OUTPUT_KEY) and (layer.name == name or layer.name.startswith(f"{name} [")):
+                return layer
+        return None
 
     def remove(self, name: str) -> None:
         layer = self.find(name)
