@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 
+#: the variants' short names, for ``--variants`` (in the order of the printed table)
+VARIANTS = ("default", "fresh", "torch", "untuned")
+
+
 def make_scan(folder: Path) -> Path:
     from napari_spinesegdiff.io.writers import write_volume
     from napari_spinesegdiff.phantom import make_phantom
@@ -102,12 +106,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slices", default="all")
-    ap.add_argument("--variants", default="default,fresh,torch,untuned",
-                    help="comma-separated subset of default, fresh, torch, untuned")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated subset of {', '.join(VARIANTS)}")
     ap.add_argument("--no-throughput", action="store_true", help="skip the GFLOP/s measurement")
     args = ap.parse_args()
     wanted = {v.strip() for v in args.variants.split(",")}
-    unknown = wanted - {"default", "fresh", "torch", "untuned"}
+    unknown = wanted - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants: {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory() as tmp:
