@@ -4,7 +4,9 @@ default steps, as a user runs it (start-up, reading, both networks, writing).
 Prints per variant the median wall time, user and system CPU seconds and minor page faults of the child
 processes, and the ratio to the default.  Variants:
 
-- the default: the ONNX Runtime engine on the CPU, networks from the export cache (``model.engine``);
+- the default: OpenVINO on the CPU (bfloat16 where the CPU has it), networks from the export cache
+  (``model.engine``);
+- ``--engine onnxruntime``: ONNX Runtime, float32, the same cached files;
 - the first run on a fresh machine: an empty export cache, so the networks are built and exported first;
 - ``--engine torch``: torch eager (the engine on GPUs);
 - ``--engine torch`` with ``SPINESEGDIFF_MALLOC=0``: glibc's allocator untuned, every large activation
@@ -12,9 +14,11 @@ processes, and the ratio to the default.  Variants:
 
 Then one denoiser pass (batch 20 = 4 slices x ensemble 5, 224 x 160 pixels: this scan's region of interest on
 the 1 mm model grid) per engine, its floating-point operations counted by torch's FlopCounterMode, the achieved
-GFLOP/s beside a 2048 x 2048 float32 matmul measured in the same run.  Run on an otherwise idle machine:
+GFLOP/s beside 2048 x 2048 matmuls (float32 and bfloat16) measured in the same run.  The variants' runs are
+interleaved (one of each in turn), so a drift of the machine's speed hits them alike.  Run on an otherwise idle
+machine:
 
-    .venv/bin/python benchmarks/bench_cli.py [--repeats 3] [--slices all] [--variants default,fresh,torch,untuned]
+    .venv/bin/python benchmarks/bench_cli.py [--repeats 3] [--slices all] [--variants default,onnxruntime,...]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 
 
 #: the variants' short names, for ``--variants`` (in the order of the printed table)
-VARIANTS = ("default", "fresh", "torch", "untuned")
+VARIANTS = ("default", "onnxruntime", "fresh", "torch", "untuned")
 
 
 def make_scan(folder: Path) -> Path:
@@ -85,20 +89,28 @@ def throughput() -> list[str]:
         with FlopCounterMode(display=False) as counter:
             net(x, t, image, feats)
     flops = counter.get_total_flops()
-    with torch.inference_mode():  # before ONNX Runtime starts its threads
+    with torch.inference_mode():  # before the other engines start their threads
         t_torch = _median_seconds(lambda: net(x, t, image, feats))
-    onnx_net, _ = onnx_model(SHIPPED_DIFFUSION, threads=torch.get_num_threads())
-    onnx_feats = onnx_net.encode(image)
-    t_onnx = _median_seconds(lambda: onnx_net(x, t, image, onnx_feats))
+    timed = []
+    for runtime in ("openvino", "onnxruntime"):
+        served, _ = onnx_model(SHIPPED_DIFFUSION, threads=torch.get_num_threads(), runtime=runtime)
+        served_feats = served.encode(image)
+        sec = _median_seconds(lambda: served(x, t, image, served_feats))
+        timed.append((f"{runtime} ({served.precision})", sec))
+    timed.append(("torch eager (f32)", t_torch))
     a = torch.randn(2048, 2048)
     t_mm = _median_seconds(lambda: a @ a)
     mm = 2 * 2048**3 / t_mm / 1e9
+    a16 = a.to(torch.bfloat16)
+    t_mm16 = _median_seconds(lambda: a16 @ a16)
     lines = [f"one denoiser pass, batch {b} at {h} x {w}: {flops / 1e9:.1f} GFLOP "
              f"({torch.get_num_threads()} threads)",
-             "| engine | s per pass | GFLOP/s | share of the matmul's GFLOP/s |", "|---|---|---|---|"]
-    for name, sec in (("onnxruntime", t_onnx), ("torch eager", t_torch)):
+             "| engine | s per pass | GFLOP/s | share of the float32 matmul's GFLOP/s |", "|---|---|---|---|"]
+    for name, sec in timed:
         lines.append(f"| {name} | {sec:.3f} | {flops / sec / 1e9:.1f} | {flops / sec / 1e9 / mm:.0%} |")
     lines.append(f"| float32 matmul 2048 x 2048 | {t_mm:.4f} | {mm:.1f} | 100% |")
+    mm16 = 2 * 2048**3 / t_mm16 / 1e9
+    lines.append(f"| bfloat16 matmul 2048 x 2048 (torch) | {t_mm16:.4f} | {mm16:.1f} | {mm16 / mm:.0%} |")
     return lines
 
 
@@ -118,7 +130,9 @@ def main() -> None:
         cache = str(Path(tmp) / "cache")
         fresh = Path(tmp) / "fresh"
         variants = {
-            "default (onnxruntime, cached export)": ("default", {"SPINESEGDIFF_CACHE": cache}, []),
+            "default (auto: openvino where installed, cached export)": ("default", {"SPINESEGDIFF_CACHE": cache}, []),
+            "--engine onnxruntime (float32, cached export)": ("onnxruntime", {"SPINESEGDIFF_CACHE": cache},
+                                                              ["--engine", "onnxruntime"]),
             "first run on a fresh machine (export included)": ("fresh", {"SPINESEGDIFF_CACHE": str(fresh)}, []),
             "--engine torch": ("torch", {}, ["--engine", "torch"]),
             "--engine torch, allocator untuned (SPINESEGDIFF_MALLOC=0)": ("untuned", {"SPINESEGDIFF_MALLOC": "0"},
@@ -129,12 +143,13 @@ def main() -> None:
         out = Path(tmp) / "labels.nii.gz"
         run_once(scan, out, {**os.environ, "SPINESEGDIFF_CACHE": cache}, "mid", [])  # fills the cache
         results, spread = {}, {}
-        for name, (env_extra, extra) in variants.items():
-            runs = []
-            for _ in range(args.repeats):
+        runs_of: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        for _ in range(args.repeats):  # interleaved: one run of each variant in turn
+            for name, (env_extra, extra) in variants.items():
                 if name.startswith("first run"):
                     subprocess.run(["rm", "-rf", str(fresh)], check=True)
-                runs.append(run_once(scan, out, {**os.environ, **env_extra}, args.slices, extra))
+                runs_of[name].append(run_once(scan, out, {**os.environ, **env_extra}, args.slices, extra))
+        for name, runs in runs_of.items():
             results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             spread[name] = f"{min(r['wall'] for r in runs):.1f}-{max(r['wall'] for r in runs):.1f}"
         os.environ["SPINESEGDIFF_CACHE"] = cache

@@ -31,7 +31,8 @@ def _add_engine(p) -> None:
     from .config import ENGINES
 
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="auto (default): ONNX Runtime on the CPU when installed, torch on a GPU; torch: torch eager")
+                   help="auto (default): on the CPU OpenVINO (bfloat16 where the CPU has it), else ONNX Runtime, "
+                        "whichever is installed; torch on a GPU; torch: torch eager; onnxruntime: float32 on the CPU")
 
 
 def _add_uncertainty_mode(p) -> None:

@@ -91,7 +91,8 @@ class LoadedModels:
     device_message: str
     diffusion_path: str
     baseline_path: str | None
-    engine: str = "torch"  # "torch" or "onnxruntime" (model.engine)
+    engine: str = "torch"  # "torch", "openvino" or "onnxruntime" (model.engine)
+    precision: str = "f32"  # "bf16" or "f32": the arithmetic of the networks' convolutions
 
 
 @lru_cache(maxsize=4)
@@ -103,11 +104,13 @@ def _load_models_cached(diffusion_path: str, baseline_path: str | None, device: 
     dev, message = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()
-    if engine == "onnxruntime":
+    served = engine in ("openvino", "onnxruntime")  # by the exported ONNX files (model.engine)
+    if served:
         from .model.engine import onnx_model
 
-        net, cfg = onnx_model(diffusion_path, threads)
-        message += " ONNX Runtime engine."
+        net, cfg = onnx_model(diffusion_path, threads, engine)
+        name = "OpenVINO" if engine == "openvino" else "ONNX Runtime"
+        message += f" {name} engine ({'bfloat16' if net.precision == 'bf16' else 'float32'})."
     else:
         net, cfg = load_checkpoint(diffusion_path, map_location="cpu")
         net = net.to(dev).eval()
@@ -115,8 +118,8 @@ def _load_models_cached(diffusion_path: str, baseline_path: str | None, device: 
         raise SegmentationError(f"{diffusion_path} is a {cfg.kind} checkpoint, not a diffusion model.")
     base, base_cfg = (None, None)
     if baseline_path is not None:
-        if engine == "onnxruntime":
-            base, base_cfg = onnx_model(baseline_path, threads)
+        if served:
+            base, base_cfg = onnx_model(baseline_path, threads, engine)
         else:
             base, base_cfg = load_checkpoint(baseline_path, map_location="cpu")
             base = base.to(dev).eval()
@@ -124,7 +127,8 @@ def _load_models_cached(diffusion_path: str, baseline_path: str | None, device: 
             raise SegmentationError(
                 f"{baseline_path} is a {base_cfg.kind} checkpoint, not a baseline presegmenter."
             )
-    return LoadedModels(net, cfg, base, base_cfg, dev, message, diffusion_path, baseline_path, engine)
+    return LoadedModels(net, cfg, base, base_cfg, dev, message, diffusion_path, baseline_path, engine,
+                        getattr(net, "precision", "f32"))
 
 
 def checkpoint_paths(config: SegmentationConfig) -> tuple[Path, Path | None]:
@@ -160,8 +164,8 @@ def load_models(config: SegmentationConfig) -> LoadedModels:
         engine = resolve_engine(config.engine, dev)
     except EngineError as exc:
         raise SegmentationError(str(exc)) from None
-    # "auto" and what it picks share one cache entry; ONNX Runtime sessions are sized to torch's threads
-    threads = torch.get_num_threads() if engine == "onnxruntime" else 1
+    # "auto" and what it picks share one cache entry; OpenVINO and ONNX Runtime are sized to torch's threads
+    threads = torch.get_num_threads() if engine in ("openvino", "onnxruntime") else 1
     return _load_models_cached(str(path.resolve()), str(base.resolve()) if base else None, str(dev), engine,
                                threads)
 
@@ -566,6 +570,7 @@ def build_provenance(volume: Volume, config: SegmentationConfig, models: LoadedM
                        "baseline_sha256": sha256_file(models.baseline_path) if models.baseline_path else None},
         "config": config.to_dict(),
         "device": str(models.device),
+        "engine": {"name": models.engine, "precision": models.precision},
         "slices": [int(slices[0]), int(slices[-1]) + 1] if slices else [],
         "timings": timings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

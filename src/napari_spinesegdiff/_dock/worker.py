@@ -43,8 +43,11 @@ def import_model_code() -> None:
     from .. import pipeline  # noqa: F401
     from ..model import baseline, checkpoint, diffusion, engine, network, sampler  # noqa: F401
 
+    # the CPU engines; MONAI is imported only when a network is exported
+    if importlib.util.find_spec("openvino") is not None:
+        import openvino  # noqa: F401
     if importlib.util.find_spec("onnxruntime") is not None:
-        import onnxruntime  # noqa: F401 - the CPU engine; MONAI is imported only when a network is exported
+        import onnxruntime  # noqa: F401
 
 
 def structure_view(probabilities: np.ndarray, class_names) -> np.ndarray:
