@@ -30,6 +30,11 @@ from .worker import StreamFrame, segment_in_thread
 
 #: least time between two updates of the status line (the step and seconds) during a run
 STATUS_INTERVAL_S = 1.0
+#: least time between two redraws of the live canvas.  Every streamed step is written into the layer and the
+#: trajectory; the canvas redraws at most this often (the last step of a burst always shows, a moment later).
+#: With the bfloat16 engine steps arrive every ~0.25 s, and a redraw in software OpenGL costs ~80 ms of the
+#: same two cores: a redraw per step made the viewer's run 1.17x the CLI's (benchmarks/bench_live_view.py)
+LIVE_REDRAW_S = 0.5
 
 
 def shows_any_slice(viewer, layer, idx) -> bool:
@@ -84,6 +89,10 @@ class RunController(QObject):
         self.scheduler = StageScheduler(self)
         self.worker = None
         self._status_shown = 0.0
+        self._redrawn = 0.0  # when the live canvas last redrew
+        self._redraw_timer = QTimer(self)  # a deferred redraw of the latest step, when one was held back
+        self._redraw_timer.setSingleShot(True)
+        self._redraw_timer.timeout.connect(self._redraw_live)
 
     def start(self, request: RunRequest):
         """Start a run in a thread worker; returns the worker (``None`` while another run is going)."""
@@ -149,8 +158,12 @@ class RunController(QObject):
         layer = run.denoise_layer
         if layer is not None and layer in self.state.viewer.layers:
             layer.data[idx] = fr.rgb
-            if shows_any_slice(self.state.viewer, layer, idx):
-                layer.refresh()  # else the new data is simply read when the user moves to these slices
+            if shows_any_slice(self.state.viewer, layer, idx):  # else read when the user moves to these slices
+                wait = LIVE_REDRAW_S - (time.perf_counter() - self._redrawn)
+                if wait <= 0 or fr.step == 0:  # a batch's presegmentation shows at once
+                    self._redraw_live()
+                elif not self._redraw_timer.isActive():
+                    self._redraw_timer.start(max(1, int(1000 * wait)))
         if run.trajectory is not None and fr.step > 0:  # step 0 (the presegmentation) is shown, not recorded
             n_streamed = len(streamed_steps(fr.total_steps, run.stream_every))
             i = run.batch_counts.get(fr.batch, 0)
@@ -158,6 +171,16 @@ class RunController(QObject):
             slot = frame_slot(i, n_streamed, run.trajectory.shape[0])
             run.trajectory[slot][idx] = fr.classes
             run.frames_used = max(run.frames_used, slot + 1)  # frames in use
+
+    def _redraw_live(self) -> None:
+        self._redraw_timer.stop()
+        run = self.state.run
+        if run is None or run.cancelled:
+            return
+        layer = run.denoise_layer
+        if layer is not None and layer in self.state.viewer.layers:
+            self._redrawn = time.perf_counter()
+            layer.refresh()
 
     def _on_returned(self, result) -> None:
         run = self.state.run
