@@ -104,7 +104,9 @@ def _load_models_cached(diffusion_path: str, baseline_path: str | None, device: 
     dev, message = resolve_device(device)
     if dev.type == "cpu":
         keep_freed_memory()
-    served = engine in ("openvino", "onnxruntime")  # by the exported ONNX files (model.engine)
+    from .model.engine import RUNTIMES
+
+    served = engine in RUNTIMES  # by the exported ONNX files (model.engine)
     if served:
         from .model.engine import onnx_model
 
@@ -157,7 +159,7 @@ def load_models(config: SegmentationConfig) -> LoadedModels:
 
     import torch
 
-    from .model.engine import EngineError, resolve_engine
+    from .model.engine import RUNTIMES, EngineError, resolve_engine
 
     dev = resolve_device(config.device)[0]
     try:
@@ -165,7 +167,7 @@ def load_models(config: SegmentationConfig) -> LoadedModels:
     except EngineError as exc:
         raise SegmentationError(str(exc)) from None
     # "auto" and what it picks share one cache entry; OpenVINO and ONNX Runtime are sized to torch's threads
-    threads = torch.get_num_threads() if engine in ("openvino", "onnxruntime") else 1
+    threads = torch.get_num_threads() if engine in RUNTIMES else 1
     return _load_models_cached(str(path.resolve()), str(base.resolve()) if base else None, str(dev), engine,
                                threads)
 

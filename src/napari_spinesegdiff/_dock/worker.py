@@ -30,11 +30,11 @@ class StreamFrame:
 
 
 def import_model_code() -> None:
-    """Import torch, ONNX Runtime and the model code when the dock opens (about a second, once per session).
+    """Import torch, the CPU inference engine and the model code when the dock opens (about a second, once per session).
 
     Done on the GUI thread on purpose: a first import inside the worker holds the interpreter lock for
     long stretches and stalled the GUI by ~200 ms at the start of the first run."""
-    import importlib.util
+    import importlib
 
     import pandas  # noqa: F401 - the result stages' label features
     import scipy.ndimage  # noqa: F401
@@ -43,11 +43,10 @@ def import_model_code() -> None:
     from .. import pipeline  # noqa: F401
     from ..model import baseline, checkpoint, diffusion, engine, network, sampler  # noqa: F401
 
-    # the CPU engines; MONAI is imported only when a network is exported
-    if importlib.util.find_spec("openvino") is not None:
-        import openvino  # noqa: F401
-    if importlib.util.find_spec("onnxruntime") is not None:
-        import onnxruntime  # noqa: F401
+    # the CPU engine that "auto" takes (the dock's runs use it); MONAI only when a network is exported
+    runtime = engine.resolve_engine("auto", "cpu")
+    if runtime != "torch":
+        importlib.import_module(runtime)
 
 
 def structure_view(probabilities: np.ndarray, class_names) -> np.ndarray:

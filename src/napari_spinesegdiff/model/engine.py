@@ -181,11 +181,11 @@ class _OpenVinoSession:
     """An OpenVINO model compiled for the CPU, with ONNX Runtime's ``run(None, feeds) -> [arrays]``.
 
     Precision is OpenVINO's CPU default: bfloat16 where the CPU has bfloat16 instructions, float32 otherwise
-    (:attr:`precision`).  Cores are not pinned (napari's GUI thread and batch workers share them).  Each
-    call takes an idle infer request from a small pool (one request must not run in two threads at once); the
-requests belong to the session, not to a thread: a thread-local request died with its thread inside
-Python's thread-state teardown, where OpenVINO's destructor crashed the process (a napari worker thread).  A model read
-    from a file is compiled through OpenVINO's own cache (``openvino/`` beside the ONNX files, keyed by the
+    (:attr:`precision`, ``"bf16"`` or ``"f32"``).  Cores are not pinned (napari's GUI thread and batch workers
+    share them).  Each call takes an idle infer request from a small pool (one request must not run in two
+    threads at once); the requests belong to the session, not to a thread: a thread-local request died with
+    its thread inside Python's thread-state teardown, where OpenVINO's destructor crashed the process (a napari
+    worker thread).  A model read from a file is compiled through OpenVINO's own cache (``openvino/`` beside the ONNX files, keyed by the
     model, the settings and OpenVINO's version), which cuts the compile time of the three networks from
     about 0.4 s to 0.1 s."""
 
@@ -209,7 +209,8 @@ Python's thread-state teardown, where OpenVINO's destructor crashed the process 
             self._compiled = core.compile_model(str(model), "CPU", settings)
         else:
             self._compiled = core.compile_model(core.read_model(model, b""), "CPU", settings)
-        self.precision = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = str(self._compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+        self.precision = "bf16" if "bf" in hint else "f32"
         self._outputs = list(self._compiled.outputs)
         self._idle: list[Any] = []
         self._lock = threading.Lock()
@@ -282,8 +283,8 @@ def _run(session, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 def precision(session) -> str:
-    """The arithmetic a session runs in: ``"bf16"`` or ``"f32"``."""
-    return "bf16" if "bf" in getattr(session, "precision", "f32").lower() else "f32"
+    """The arithmetic a session runs in: ``"bf16"`` or ``"f32"`` (ONNX Runtime's CPU sessions: float32)."""
+    return getattr(session, "precision", "f32")
 
 
 class OnnxDiffusion:
