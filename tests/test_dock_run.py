@@ -254,3 +254,47 @@ def test_a_users_layer_with_a_result_name_is_never_touched(qtbot, phantom_viewer
     assert [layer for layer in viewer.layers if layer.name.startswith(UNCERTAINTY_NAME)] == ours
     assert result.data[6].max() > 0 and result.data[7].max() > 0  # merged: both runs' slices
     np.testing.assert_array_equal(mine.data, 7.0)
+
+
+def test_live_canvas_redraws_at_most_every_half_second_and_always_shows_the_latest_step(qtbot, phantom_viewer):
+    """Steps streamed faster than LIVE_REDRAW_S: the first step and a batch's presegmentation (step 0) draw at
+    once, the rest are held back into one deferred redraw, and every step's pixels are in the layer."""
+    from napari_spinesegdiff._dock import run as run_mod
+    from napari_spinesegdiff.config import SegmentationConfig
+    from napari_spinesegdiff._dock.state import ActiveRun
+    from napari_spinesegdiff._dock.worker import StreamFrame
+
+    viewer, w = phantom_viewer()
+    image = viewer.layers[IMAGE]
+    layer = viewer.add_image(np.zeros((*image.data.shape, 3), np.uint8), rgb=True, scale=image.scale,
+                             translate=image.translate)
+    step = list(viewer.dims.current_step)
+    step[viewer.dims.ndim - 3] = 6
+    viewer.dims.current_step = tuple(step)
+    ctl = w.controller
+    active = ActiveRun(image, SegmentationConfig(), 1)
+    active.denoise_layer = layer
+    w.state.run = active
+    redraws: list[float] = []
+    layer.refresh = lambda *a, **k: redraws.append(time.perf_counter())
+    rows, cols = image.data.shape[1:]
+
+    def frame(step_no: int, batch: int = 0) -> StreamFrame:
+        rgb = np.full((2, rows, cols, 3), step_no * 10 + batch, np.uint8)
+        return StreamFrame((5, 6), step_no, 10, batch, 2, rgb, np.zeros((2, rows, cols), np.uint8), 0.0)
+
+    ctl._redrawn = 0.0
+    for s in range(1, 11):  # ten steps within a few milliseconds
+        ctl._show_frame(frame(s))
+    assert len(redraws) == 1  # the first drew at once; the others wait for the throttle
+    assert layer.data[6, 0, 0, 0] == 100  # but the latest step's pixels are already in the layer
+    ctl._show_frame(frame(0, batch=1))  # the next batch's presegmentation is not held back
+    assert len(redraws) == 2
+    ctl._show_frame(frame(1, batch=1))
+    assert len(redraws) == 2
+    qtbot.waitUntil(lambda: len(redraws) == 3, timeout=int(3000 * run_mod.LIVE_REDRAW_S))
+    assert redraws[2] - redraws[1] >= 0.8 * run_mod.LIVE_REDRAW_S
+    assert layer.data[6, 0, 0, 0] == 11  # the deferred redraw shows the step that arrived last
+    qtbot.wait(int(1500 * run_mod.LIVE_REDRAW_S))
+    assert len(redraws) == 3  # and nothing redraws again without a new step
+    w.state.run = None

@@ -35,7 +35,7 @@ import numpy as np
 from . import __version__
 from .config import SegmentationConfig, parse_slices
 from .io.volume import Volume
-from .preprocess import SliceGrid, normalize_intensity
+from .preprocess import SliceGrid, context_stack, normalize_intensity
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHIPPED_DIFFUSION = WEIGHTS_DIR / "diffusion.safetensors"
@@ -181,6 +181,11 @@ def _validate(volume: Volume, config: SegmentationConfig, models: LoadedModels) 
     in_ch = models.diffusion_config.network.in_channels
     if in_ch != 1:
         raise SegmentationError(f"The checkpoint expects {in_ch} image channels; scans have 1.")
+    if models.baseline_config is not None and models.baseline_config.network.in_channels % 2 == 0:
+        raise SegmentationError(
+            f"The baseline expects {models.baseline_config.network.in_channels} image channels; a 2.5-D "
+            "presegmenter takes a slice and as many neighbours on each side (an odd number)."
+        )
     if models.baseline_config is not None and len(models.baseline_config.class_names) != ncls:
         raise SegmentationError(
             f"The baseline has {len(models.baseline_config.class_names)} classes but the diffusion model {ncls}."
@@ -207,6 +212,20 @@ def _validate(volume: Volume, config: SegmentationConfig, models: LoadedModels) 
         raise SegmentationError(str(exc)) from None
     if min(volume.shape) < 1 or min(sorted(volume.shape)[1:]) < 8:
         raise SegmentationError(f"The scan of shape {volume.shape} is too small to segment.")
+
+
+def _baseline_input(image: np.ndarray, idx, spacing, grid: SliceGrid, models: LoadedModels, dev, x):
+    """The presegmenter's input on the model grid: the slices themselves (``x``), or for a 2.5-D
+    presegmenter each slice with its neighbours (:func:`~.preprocess.context_stack`), taken from the whole
+    scan, so a neighbour outside the chosen slices is still real image."""
+    import torch
+
+    cfg = models.baseline_config
+    channels = cfg.network.in_channels
+    if channels == 1:
+        return x
+    stack = context_stack(image, idx, channels, float(spacing[0]), float(cfg.context_mm))
+    return grid.to_model(torch.from_numpy(stack).to(dev))
 
 
 def _prior_canonical(prior: np.ndarray | Volume | None, volume: Volume) -> np.ndarray | None:
@@ -459,7 +478,7 @@ def segment(
             tp = time.perf_counter()
             prior = None
             if config.prior == "baseline":
-                prior = torch.sigmoid(models.baseline(x))
+                prior = torch.sigmoid(models.baseline(_baseline_input(image, idx, spacing, grid, models, dev, x)))
             elif prior_canon is not None:
                 onehot = np.moveaxis(labels_to_channels(prior_canon[idx], ckpt.class_names), 0, 1)
                 prior = grid.to_model(torch.from_numpy(np.ascontiguousarray(onehot)).to(dev), mode="nearest")

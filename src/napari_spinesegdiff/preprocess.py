@@ -71,3 +71,26 @@ def _resize(x, size: tuple[int, int], mode: str, identity: bool):
     if mode == "nearest":
         return F.interpolate(x.float(), size=size, mode="nearest-exact").to(x.dtype)
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def context_offset(slice_mm: float, context_mm: float) -> int:
+    """How many slices away a network's neighbouring input slices lie: the slice nearest ``context_mm``
+    away, at least the adjacent one (1 mm slices and 2 mm context: 2; 3.3 mm slices: 1)."""
+    if not slice_mm > 0 or not np.isfinite(slice_mm):
+        return 1
+    return max(1, int(round(context_mm / float(slice_mm))))
+
+
+def context_stack(image: np.ndarray, index, channels: int, slice_mm: float, context_mm: float) -> np.ndarray:
+    """The input of a 2.5-D network: for each slice in ``index`` (canonical axis 0 of ``image`` (N, H, W)),
+    ``channels`` slices centred on it (odd; the centre channel is the slice itself) spaced by
+    :func:`context_offset`; a neighbour past either end of the scan repeats the end slice.  Returns
+    (len(index), channels, H, W); ``channels == 1`` is the slices themselves."""
+    if channels < 1 or channels % 2 == 0:
+        raise ValueError(f"A network's image channels must be an odd number of slices, got {channels}.")
+    idx = np.asarray(list(index), dtype=int).reshape(-1)
+    half = channels // 2
+    step = context_offset(slice_mm, context_mm) if half else 0
+    offsets = np.arange(-half, half + 1) * step
+    rows = np.clip(idx[:, None] + offsets[None, :], 0, image.shape[0] - 1)
+    return np.ascontiguousarray(image[rows])

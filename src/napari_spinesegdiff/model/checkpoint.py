@@ -52,6 +52,9 @@ class CheckpointConfig:
     spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0])
     crop: list[int] = field(default_factory=lambda: [160, 160])
     intensity: dict[str, Any] = field(default_factory=_default_intensity)
+    # a 2.5-D network (network.in_channels = 3, 5, ...) sees the slices about this far away on each side
+    # (preprocess.context_stack); unused when the network takes one slice
+    context_mm: float = 2.0
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -60,6 +63,8 @@ class CheckpointConfig:
             raise CheckpointError(f"checkpoint kind must be 'diffusion' or 'baseline', got {self.kind!r}.")
         if self.x0_mode not in ("sigmoid", "clamp"):
             raise CheckpointError(f"x0_mode must be 'sigmoid' or 'clamp', got {self.x0_mode!r}.")
+        if not (isinstance(self.context_mm, (int, float)) and 0 < float(self.context_mm) < 100):
+            raise CheckpointError(f"context_mm must be a distance in mm between 0 and 100, got {self.context_mm!r}.")
         if len(self.class_names) != self.network.num_classes:
             raise CheckpointError(
                 f"{len(self.class_names)} class names for a network with {self.network.num_classes} classes."

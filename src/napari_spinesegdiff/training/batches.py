@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..preprocess import context_stack
 from .data import NUM_CLASSES, TrainCase
 
 
@@ -41,17 +42,20 @@ class SliceBatches:
     """Draws crops from cases: a case (weighted), a slice (labelled slices preferred), a crop centre (on
     labelled structure 70 % of the time), then augmentation.
 
-    Each batch is ``image (B,1,H,W)`` float32, ``target (B,C,H,W)`` float32 and ``known (B,C,H,W)``
+    Each batch is ``image (B,channels,H,W)`` float32 (a 2.5-D input: the slice in the centre channel, its
+    neighbours around it, :func:`~..preprocess.context_stack`), ``target (B,C,H,W)`` float32 and ``known (B,C,H,W)``
     float32 (1 where the loss may look).
     """
 
     def __init__(self, cases: Sequence[TrainCase], crop=(160, 160), batch_size=8, seed=0,
-                 case_weights: Sequence[float] | None = None, augment: bool = True):
+                 case_weights: Sequence[float] | None = None, augment: bool = True, channels: int = 1,
+                 context_mm: float = 2.0):
         if not cases:
             raise ValueError("No training cases: check the data paths and the split.")
         self.cases = list(cases)
         self.crop = tuple(int(c) for c in crop)
         self.batch_size = batch_size
+        self.channels, self.context_mm = int(channels), float(context_mm)  # 2.5-D: a slice and its neighbours
         self.rng = np.random.default_rng(seed)
         w = np.ones(len(cases)) if case_weights is None else np.asarray(case_weights, float)
         self.case_p = w / w.sum()
@@ -60,20 +64,22 @@ class SliceBatches:
 
     def _crop(self, case: TrainCase):
         k = int(self.rng.choice(len(case.image), p=case.slice_weights))
-        img, tgt = case.image[k], case.target[k]
+        img = context_stack(case.image, [k], self.channels, case.slice_mm, self.context_mm)[0]  # (channels, H, W)
+        tgt = case.target[k]
         known = case.known_mask(k)
         ch, cw = (int(round(c * 1.25)) for c in self.crop) if self.augment else self.crop
-        H, W = img.shape
+        H, W = img.shape[-2:]
         fg = np.argwhere(tgt[case.known].any(axis=0)) if case.known.any() else np.zeros((0, 2))
         if len(fg) and self.rng.random() < 0.7:
             cy, cx = fg[self.rng.integers(len(fg))]
         else:
             cy, cx = self.rng.integers(H), self.rng.integers(W)
         y0, x0 = int(cy) - ch // 2, int(cx) - cw // 2
-        out = [np.zeros((c, ch, cw), a.dtype) for c, a in ((1, img), (NUM_CLASSES, tgt), (NUM_CLASSES, known))]
+        out = [np.zeros((c, ch, cw), a.dtype)
+               for c, a in ((self.channels, img), (NUM_CLASSES, tgt), (NUM_CLASSES, known))]
         ys, xs = slice(max(y0, 0), min(y0 + ch, H)), slice(max(x0, 0), min(x0 + cw, W))
         dy, dx = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
-        out[0][0, dy, dx] = img[ys, xs]
+        out[0][:, dy, dx] = img[:, ys, xs]
         out[1][:, dy, dx] = tgt[:, ys, xs]
         out[2][:, dy, dx] = known[:, ys, xs]  # padding outside the slice is unknown
         return out

@@ -54,6 +54,7 @@ class TrainCase:
     slice_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
     unknown: np.ndarray | None = None  # (N, C, H, W) bool: voxels whose label is unknown (else None)
     source: str = ""  # the dataset (lumbar, spider, nnunet, phantom): sampling is balanced per source first
+    slice_mm: float = 1.0  # distance between slices (canonical axis 0): where a 2.5-D input's neighbours lie
 
     def known_mask(self, k: int | None = None) -> np.ndarray:
         """(C, H, W) bool mask of the pixels of slice ``k`` where the loss may look at each channel."""
@@ -146,7 +147,7 @@ def _finish(name, patient, group, image_c, target_c, spacing, target_spacing, kn
         unknown = np.zeros(target.shape, bool)
         unknown[:, BODY_CH] = target[:, WHOLE_CH] > 0
     return TrainCase(name, patient, group, image, target, np.asarray(known, bool), rows, weights / weights.sum(),
-                     unknown)
+                     unknown, slice_mm=float(spacing[0]))
 
 
 def lumbar_cases(root: Path, names: Iterable[str] | None = None, target_spacing=(1.0, 1.0),

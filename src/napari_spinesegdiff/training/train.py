@@ -29,6 +29,7 @@ import torch
 
 from ..labelscheme import CHANNELS
 from ..model.sampler import logits_to_x0
+from ..preprocess import context_stack
 from .batches import SliceBatches
 from .data import NUM_CLASSES, TrainCase
 from .losses import segdiff_loss
@@ -50,6 +51,8 @@ class TrainConfig:
     phantom_share: float = 0.3
     spacing_mm: tuple[float, float] = (1.0, 1.0)
     soft_targets: bool = False  # partial-volume targets on the model grid (training.data._finish)
+    context: int = 0  # baseline only: neighbouring slices on each side as input channels (2.5-D)
+    context_mm: float = 2.0  # how far away they lie (preprocess.context_stack)
     val_every: int = 250
     seed: int = 0
     threads: int | None = None
@@ -74,7 +77,10 @@ def build_model(cfg: TrainConfig):
     from ..model.network import PRESETS, SpineSegDiffNet
 
     net_cfg = dataclasses.replace(PRESETS[cfg.preset], num_classes=NUM_CLASSES)
+    if cfg.context < 0 or (cfg.context and cfg.kind != "baseline"):
+        raise ValueError("context (neighbouring slices as input channels) is for the baseline presegmenter only.")
     if cfg.kind == "baseline":
+        net_cfg = dataclasses.replace(net_cfg, in_channels=2 * cfg.context + 1)
         return BaselineNet(net_cfg), net_cfg
     if cfg.kind == "diffusion":
         return SpineSegDiffNet(net_cfg), net_cfg
@@ -86,7 +92,9 @@ def load_init_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], log:
     disc) grows into the four-channel layout: every tensor whose size differs by one along a single axis
     (the denoiser's mask input, the output convolution and its bias) keeps its old slices.  The new
     whole-vertebra output starts as a copy of the vertebral-body output (the second-to-last old slice); the
-    new whole-vertebra input starts at zero, so the grown network computes exactly what the old one did."""
+    new whole-vertebra input starts at zero, so the grown network computes exactly what the old one did.
+    A one-slice presegmenter grows into a 2.5-D one (image channels 1 -> 2k + 1): the old input weights
+    become the centre slice's, the neighbours' start at zero, so again it starts as the old network."""
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
@@ -100,6 +108,12 @@ def load_init_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], log:
             own[key] = old
             continue
         diff = [d for d in range(old.ndim) if old.shape[d] != new.shape[d]]
+        if diff == [1] and old.ndim == 4 and old.shape[1] == 1 and new.shape[1] % 2 == 1:
+            grown_in = torch.zeros_like(new)
+            grown_in[:, new.shape[1] // 2] = old[:, 0]
+            own[key] = grown_in
+            log(f"grew {key} from 1 to {new.shape[1]} image channels (the neighbouring slices start at zero)")
+            continue
         if old.ndim != new.ndim or len(diff) != 1 or new.shape[diff[0]] != old.shape[diff[0]] + 1:
             raise ValueError(f"The initial weights' {key} has shape {tuple(old.shape)}; this network needs "
                              f"{tuple(new.shape)}.")
@@ -122,6 +136,7 @@ def checkpoint_config(cfg: TrainConfig, net_cfg, metrics: dict, extra: dict) -> 
         "spacing_mm": list(cfg.spacing_mm),
         "crop": list(cfg.crop),
         "intensity": {"method": "percentile", "low": 0.5, "high": 99.5},
+        "context_mm": float(cfg.context_mm),
         "training": {**asdict(cfg), **extra},
         "metrics": metrics,
     }
@@ -135,9 +150,11 @@ def forward_loss(net, batch: dict[str, torch.Tensor], cfg: TrainConfig, schedule
     probability map noised to t, on every channel, as at inference with presegmentation: the model learns
     to correct the presegmentation's errors from the image instead of trusting a noised ground truth.
     """
-    image, target, known = batch["image"], batch["target"], batch["known"]
+    stack, target, known = batch["image"], batch["target"], batch["known"]
+    centre = stack.shape[1] // 2
+    image = stack[:, centre:centre + 1]  # the slice itself; its neighbours are for a 2.5-D presegmenter
     if cfg.kind == "baseline":
-        logits = net(image)
+        logits = net(stack)
         return segdiff_loss(logits, target, known, weights=(1.0, 1.0, 0.0))
     b = image.shape[0]
     t_uniform = torch.randint(0, schedule.T, (b,), generator=gen)
@@ -151,7 +168,7 @@ def forward_loss(net, batch: dict[str, torch.Tensor], cfg: TrainConfig, schedule
         from_prior = (torch.rand(b, generator=gen) < cfg.prior_share).to(image.device) & (t < cfg.t_focus)
         if bool(from_prior.any()):
             with torch.no_grad():
-                x0_prior = logits_to_x0(prior_net(image), "sigmoid")
+                x0_prior = logits_to_x0(prior_net(stack), "sigmoid")
             x_prior = schedule.q_sample(x0_prior, t, noise)
             x_t = torch.where(from_prior[:, None, None, None], x_prior, x_t)
     logits = net(x_t, t, image)
@@ -160,15 +177,17 @@ def forward_loss(net, batch: dict[str, torch.Tensor], cfg: TrainConfig, schedule
 
 @torch.no_grad()
 def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device,
-             max_slices: int = 12, prior_net: torch.nn.Module | None = None) -> dict[str, float]:
+             max_slices: int = 12, prior_net: torch.nn.Module | None = None,
+             channels: int = 1) -> dict[str, float]:
     """Cheap, deterministic proxy for model selection: Dice of one prediction per labelled slice (at most
     ``max_slices`` evenly spaced labelled slices per case).
 
     baseline: the prediction from the image.  diffusion: the x0 prediction from the ground truth noised
     to t in {100, 300, 600, 999} with fixed noise (t = 999 is the image alone); with ``prior_net`` the
     baseline's prediction noised to t in {100, 300} instead (what inference with presegmentation sees).
-    Dice is 3-D per case and channel over known pixels, averaged over the channels that have labelled
-    structure in the case (a channel known only to be absent, like SPIDER's vertebral bodies outside the
+    ``channels``: the image channels of the batches (2.5-D: the slice and its neighbours, the diffusion
+    model seeing the centre one).  Dice is 3-D per case and channel over known pixels, averaged over the
+    channels that have labelled structure in the case (a channel known only to be absent, like SPIDER's vertebral bodies outside the
     vertebrae, has no Dice: one stray pixel would score it 0).
     """
     net.eval()
@@ -179,7 +198,8 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
         if sel.size == 0:
             continue
         sel = sel[np.linspace(0, sel.size - 1, min(sel.size, max_slices)).round().astype(int)]
-        image = torch.as_tensor(case.image[sel, None]).to(device)
+        stack = torch.as_tensor(context_stack(case.image, sel, channels, case.slice_mm, cfg.context_mm)).to(device)
+        image = stack[:, channels // 2:channels // 2 + 1]
         target = torch.as_tensor(case.target[sel], dtype=torch.float32).to(device)
         hard = (target > 0.5).float()  # partial-volume targets are scored as the labels they round to
         known = torch.as_tensor(np.stack([case.known_mask(k) for k in sel]), dtype=torch.float32).to(device)
@@ -190,13 +210,13 @@ def validate(net, cases: Sequence[TrainCase], cfg: TrainConfig, schedule, device
         for tv in ts:
             preds = []
             for i in range(0, len(sel), 8):
-                img, tgt = image[i:i + 8], target[i:i + 8]
+                img, tgt, ctx = image[i:i + 8], target[i:i + 8], stack[i:i + 8]
                 if tv is None:
-                    logits = net(img)
+                    logits = net(ctx)
                 else:
                     t = torch.full((len(img),), tv, device=device)
                     noise = torch.randn(tgt.shape, generator=gen).to(device)
-                    x0 = tgt * 2 - 1 if prior_net is None else logits_to_x0(prior_net(img), "sigmoid")
+                    x0 = tgt * 2 - 1 if prior_net is None else logits_to_x0(prior_net(ctx), "sigmoid")
                     logits = net(schedule.q_sample(x0, t, noise), t, img)
                 preds.append((logits > 0).float())
             pred = torch.cat(preds) * known
@@ -248,6 +268,9 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
             raise ValueError(f"The prior {cfg.prior} has {prior_net.num_classes} classes; the model has "
                              f"{net.num_classes}.")
         prior_net.to(device).eval().requires_grad_(False)
+        if prior_net.config.in_channels > 1:  # a 2.5-D prior: the batches carry its neighbouring slices
+            cfg = dataclasses.replace(cfg, context=0, context_mm=float(prior_meta.context_mm))
+    channels = prior_net.config.in_channels if prior_net is not None else net.config.in_channels
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = CosineSchedule(1000)
     start, best, wall0 = 0, -1.0, 0.0
@@ -262,7 +285,8 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
     from .recipe import balanced_weights
 
     batches = SliceBatches(train_cases, cfg.crop, cfg.batch_size, seed=cfg.seed * 1000 + rank + start,
-                           case_weights=balanced_weights(train_cases, cfg.phantom_share))
+                           case_weights=balanced_weights(train_cases, cfg.phantom_share), channels=channels,
+                           context_mm=cfg.context_mm)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank + start)
     log_path = out_dir / "log.csv"
     new_log = not (resume and log_path.exists())
@@ -293,7 +317,8 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}")
             last = it + 1 == stop
             if rank == 0 and ((it + 1) % cfg.val_every == 0 or last):
-                val = (validate(net, val_cases, cfg, schedule, device, prior_net=prior_net) if val_cases
+                val = (validate(net, val_cases, cfg, schedule, device, prior_net=prior_net, channels=channels)
+                       if val_cases
                        else {"val_dice": float("nan")})
                 wall = time.perf_counter() - t0
                 writer.writerow([it + 1, f"{_lr_at(it, cfg):.3g}", f"{np.mean(running):.5f}",
