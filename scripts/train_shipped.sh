@@ -23,7 +23,7 @@ DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
 BASE_FT3_ITER=${BASE_FT3_ITER:-5000}
 DIFF_FT3_ITER=${DIFF_FT3_ITER:-3000}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
-STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
+STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped), 4.4 (2.5-D presegmenter) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
                      # presegmenter; 4.2 = both networks fine-tuned on partial-volume targets)
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
         --preset small --batch-size 8 --crop 160 160 --val-every 500
@@ -140,4 +140,27 @@ if [ "$STAGE" = 4.3 ]; then
     .venv/bin/spinesegdiff train --kind baseline --iterations 1200 --lr 1.5e-4 --seed 9 --val-every 400 \
         --soft-targets --init "$V42_BASELINE" "${V4[@]}" --threads 2 --out runs/v43_baseline \
         >> runs/v43_baseline.log 2>&1
+fi
+if [ "$STAGE" = 4.4 ]; then
+    # v4.4 candidate: a 2.5-D presegmenter (each slice with the slices about 2 mm away on either side as two more
+    # input channels: --context 1 --context-mm 2), grown from v4.2's with zero weights on the neighbours, so it
+    # starts as v4.2's network (2,000 iterations at 3e-4, soft targets, 2 threads, 32 min); then the diffusion
+    # model from v4.2's with the new presegmenter as its prior (800 iterations at 2e-4, 1 thread beside an
+    # evaluation, 28 min).  Ships only if the default beats v4.2's on the validation patients
+    # (spinesegdiff evaluate --subset val)
+    V42_DIFFUSION=${V42_DIFFUSION:-runs/v42_diffusion/best.safetensors}  # v4.2's, as shipped in 15a54be
+    V42_BASELINE=${V42_BASELINE:-runs/v42_baseline/best.safetensors}  # v4.2's, as shipped in 15a54be
+    for pair in "$V42_BASELINE:baseline" "$V42_DIFFUSION:diffusion"; do
+        IFS=: read -r file part <<< "$pair"
+        if [ ! -f "$file" ]; then
+            mkdir -p "$(dirname "$file")"
+            git show "15a54be:src/napari_spinesegdiff/weights/$part.safetensors" > "$file"
+        fi
+    done
+    .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 3e-4 --seed 10 --val-every 400 \
+        --soft-targets --context 1 --context-mm 2.0 --init "$V42_BASELINE" "${V4[@]}" --threads 2 \
+        --out runs/v44_baseline >> runs/v44_baseline.log 2>&1
+    .venv/bin/spinesegdiff train --kind diffusion --iterations 800 --lr 2e-4 --seed 11 --val-every 200 \
+        --soft-targets --init "$V42_DIFFUSION" --prior runs/v44_baseline/best.safetensors --prior-share 0.8 \
+        "${V4[@]}" --threads 1 --out runs/v44_diffusion >> runs/v44_diffusion.log 2>&1
 fi

@@ -66,29 +66,36 @@ def test_training_batches_carry_the_neighbours_in_order():
 
 @pytest.fixture(scope="module")
 def grown_baseline(tmp_path_factory):
-    """The shipped presegmenter grown to three slices with zero neighbour weights, and one whose input
-    convolution reads only the previous slice."""
+    """A one-slice presegmenter (the shipped one's centre-slice weights), the same grown to three slices with
+    zero neighbour weights, and one whose input convolution reads only the previous slice."""
     net, meta = load_checkpoint(SHIPPED_BASELINE)
-    cfg = dataclasses.replace(meta.network, in_channels=3)
-    folder = tmp_path_factory.mktemp("ctx")
-    grown = BaselineNet(cfg)
-    load_init_weights(grown, net.state_dict(), log=lambda s: None)
-    same = save_checkpoint(folder / "same.safetensors", grown, meta.replace(network=cfg, context_mm=3.0))
     key = "unet.conv_0.conv_0.conv.weight"
+    state = net.state_dict()
+    centre = state[key].shape[1] // 2
+    state[key] = state[key][:, centre:centre + 1]
+    one_cfg = dataclasses.replace(meta.network, in_channels=1)
+    folder = tmp_path_factory.mktemp("ctx")
+    one_net = BaselineNet(one_cfg)
+    one_net.load_state_dict(state)
+    one = save_checkpoint(folder / "one.safetensors", one_net, meta.replace(network=one_cfg))
+    cfg = dataclasses.replace(meta.network, in_channels=3)
+    grown = BaselineNet(cfg)
+    load_init_weights(grown, one_net.state_dict(), log=lambda s: None)
+    same = save_checkpoint(folder / "same.safetensors", grown, meta.replace(network=cfg, context_mm=3.0))
     state = grown.state_dict()
     state[key] = state[key][:, [1, 0, 2]]  # the old weights now look at the previous slice
     grown.load_state_dict(state)
     previous = save_checkpoint(folder / "previous.safetensors", grown, meta.replace(network=cfg, context_mm=3.0))
-    return same, previous
+    return one, same, previous
 
 
 @pytest.mark.parametrize("engine", ["torch", "openvino"])
 def test_pipeline_feeds_the_2p5d_presegmenter_its_neighbouring_slices(grown_baseline, engine):
     if engine == "openvino":
         pytest.importorskip("openvino")
-    same, previous = grown_baseline
+    one, same, previous = grown_baseline
     ph = make_phantom(seed=4, contrast="T2w", spacing=(3.0, 0.8, 0.8))
-    cfg = SegmentationConfig(t_start=0, slices="3:7", engine=engine, smooth_mm=0.0)
+    cfg = SegmentationConfig(t_start=0, slices="3:7", engine=engine, smooth_mm=0.0, baseline_checkpoint=str(one))
     plain = run(ph.image, cfg).canonical_probabilities
     grown = run(ph.image, cfg.replace(baseline_checkpoint=str(same))).canonical_probabilities
     np.testing.assert_allclose(grown, plain, atol=2e-3)  # zero neighbour weights: the one-slice network

@@ -20,9 +20,12 @@ pytest.importorskip("onnx")
 
 from napari_spinesegdiff.config import SegmentationConfig  # noqa: E402
 from napari_spinesegdiff.model import engine  # noqa: E402
-from napari_spinesegdiff.model.checkpoint import load_checkpoint  # noqa: E402
+from napari_spinesegdiff.model.checkpoint import load_checkpoint, read_config  # noqa: E402
 from napari_spinesegdiff.phantom import make_phantom  # noqa: E402
 from napari_spinesegdiff.pipeline import SHIPPED_BASELINE, SHIPPED_DIFFUSION, SegmentationError, run  # noqa: E402
+
+#: image channels of the shipped presegmenter (3 since v4.4: a slice and its neighbours)
+BASE_IN = read_config(SHIPPED_BASELINE).network.in_channels
 
 
 needs_openvino = pytest.mark.skipif(not engine.openvino_available(), reason="OpenVINO is not installed")
@@ -58,9 +61,10 @@ def test_diffusion_and_baseline_match_torch_on_sizes_that_need_padding(cache):
     base, _ = load_checkpoint(SHIPPED_BASELINE)
     onnx_base, base_cfg = engine.onnx_model(SHIPPED_BASELINE, threads=1)
     assert base_cfg.kind == "baseline"
+    image_b = torch.randn(3, BASE_IN, 50, 37)
     with torch.inference_mode():
-        ref_b = base(image)
-    np.testing.assert_allclose(onnx_base(image).numpy(), ref_b.numpy(), atol=2e-3, rtol=1e-3)
+        ref_b = base(image_b)
+    np.testing.assert_allclose(onnx_base(image_b).numpy(), ref_b.numpy(), atol=2e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="image must be"):
         onnx_base(torch.zeros(1, 2, 32, 32))
     assert sorted(p.name.split("-")[-1] for p in cache.iterdir()) == ["baseline.onnx", "denoiser.onnx",
@@ -74,7 +78,7 @@ def test_a_damaged_cache_file_is_exported_again(cache):
     path.write_bytes(b"not an onnx model")
     model, _ = engine.onnx_model(SHIPPED_BASELINE, threads=1)
     assert path.read_bytes() == good
-    assert model(torch.zeros(1, 1, 32, 32)).shape[-2:] == (32, 32)
+    assert model(torch.zeros(1, BASE_IN, 32, 32)).shape[-2:] == (32, 32)
 
 
 def test_an_unwritable_cache_falls_back_to_an_export_in_memory(tmp_path, monkeypatch):
@@ -82,7 +86,7 @@ def test_an_unwritable_cache_falls_back_to_an_export_in_memory(tmp_path, monkeyp
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("SPINESEGDIFF_CACHE", str(blocker))
     model, _ = engine.onnx_model(SHIPPED_BASELINE, threads=1)
-    assert model(torch.zeros(2, 1, 40, 40)).shape == (2, model.num_classes, 40, 40)
+    assert model(torch.zeros(2, BASE_IN, 40, 40)).shape == (2, model.num_classes, 40, 40)
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=needs_openvino)])
@@ -138,9 +142,10 @@ def test_openvino_computes_what_torch_computes_and_says_in_what_precision(cache)
 
     base, _ = load_checkpoint(SHIPPED_BASELINE)
     ov_base, _ = engine.onnx_model(SHIPPED_BASELINE, threads=1, runtime="openvino")
+    image_b = torch.randn(2, BASE_IN, 70, 45)
     with torch.inference_mode():
-        ref_b = base(image)
-    out_b = ov_base(image)
+        ref_b = base(image_b)
+    out_b = ov_base(image_b)
     assert out_b.shape == ref_b.shape
     assert float((out_b - ref_b).abs().mean()) < tol * float(ref_b.abs().mean())
 
@@ -148,7 +153,7 @@ def test_openvino_computes_what_torch_computes_and_says_in_what_precision(cache)
 @needs_openvino
 def test_openvino_sessions_run_in_several_threads_at_once(cache):
     model, _ = engine.onnx_model(SHIPPED_BASELINE, threads=1, runtime="openvino")
-    images = [torch.randn(1, 1, 48, 40, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    images = [torch.randn(1, BASE_IN, 48, 40, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     alone = [model(im) for im in images]
     together: dict[int, torch.Tensor] = {}
 

@@ -55,8 +55,8 @@ class SegmentationConfig:
     fill_holes: bool = True
     roi_margin_mm: float = 24.0  # refine only the prior's foreground box plus this margin (-1: whole slice)
     single_canal: bool = True  # keep only the largest 3-D connected component of the spinal canal
-    # Gaussian sigma (mm) across sagittal slices applied to the probabilities before labelling: the networks
-    # see one slice at a time, this makes neighbouring slices agree; 0 = off
+    # Gaussian sigma (mm) across sagittal slices applied to the probabilities before labelling: the diffusion
+    # model sees one slice at a time (the 2.5-D presegmenter a few), this makes neighbouring slices agree; 0 = off
     smooth_mm: float = 2.0
     # written vertebra labels: "whole" = 2 vertebra (body + posterior elements, SPIDER and the paper);
     # "split" = 2 vertebral body + 4 posterior elements (needs a four-channel model, v4 on)
