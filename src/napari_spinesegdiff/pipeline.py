@@ -7,9 +7,10 @@ this one function.
 
 Steps: canonical sagittal slices (``io``) -> in-plane resampling to the model spacing -> per-volume
 intensity normalisation -> batches of ``batch_slices`` slices x ``ensemble`` samples -> presegmentation
-prior (shipped baseline, a labels volume, or none) -> DDIM sampler with the step-uncertainty ensemble ->
-back to the scan grid (linear for maps, labels from the resampled probabilities) -> optional blend with the
-presegmentation (``baseline_weight``) -> optional Gaussian smoothing of the probabilities across sagittal
+prior (shipped baseline, a labels volume, or none; a baseline runs at its own checkpoint's spacing, which may
+be finer than the diffusion model's) -> DDIM sampler with the step-uncertainty ensemble -> back to the scan
+grid (linear for maps, labels from the resampled probabilities) -> optional blend with the presegmentation
+(``baseline_weight``; on the scan grid when the presegmenter's is finer, so its detail survives) -> optional Gaussian smoothing of the probabilities across sagittal
 slices (``smooth_mm``; the networks are 2-D) -> labels and post-processing in millimetres -> the uncertainty
 map (default ``"labels"``: the entropy of the probabilities the labels were drawn from,
 :func:`label_uncertainty`) -> file order.
@@ -215,9 +216,10 @@ def _validate(volume: Volume, config: SegmentationConfig, models: LoadedModels) 
 
 
 def _baseline_input(image: np.ndarray, idx, spacing, grid: SliceGrid, models: LoadedModels, dev, x):
-    """The presegmenter's input on the model grid: the slices themselves (``x``), or for a 2.5-D
-    presegmenter each slice with its neighbours (:func:`~.preprocess.context_stack`), taken from the whole
-    scan, so a neighbour outside the chosen slices is still real image."""
+    """The presegmenter's input on its own grid (``grid``, at its checkpoint's spacing): the slices themselves
+    (``x``, already on that grid), or for a 2.5-D presegmenter each slice with its neighbours
+    (:func:`~.preprocess.context_stack`), taken from the whole scan, so a neighbour outside the chosen slices
+    is still real image."""
     import torch
 
     cfg = models.baseline_config
@@ -226,6 +228,14 @@ def _baseline_input(image: np.ndarray, idx, spacing, grid: SliceGrid, models: Lo
         return x
     stack = context_stack(image, idx, channels, float(spacing[0]), float(cfg.context_mm))
     return grid.to_model(torch.from_numpy(stack).to(dev))
+
+
+def _baseline_grid(grid: SliceGrid, models: LoadedModels) -> SliceGrid:
+    """The presegmenter's own model grid: its checkpoint's spacing, which may be finer than the diffusion
+    model's (the presegmenter runs once per slice, the denoiser ensemble x steps times)."""
+    cfg = models.baseline_config
+    own = tuple(float(v) for v in cfg.spacing_mm) if cfg is not None else tuple(grid.target_spacing)
+    return grid if own == tuple(grid.target_spacing) else SliceGrid(grid.shape, grid.spacing, own)
 
 
 def _prior_canonical(prior: np.ndarray | Volume | None, volume: Volume) -> np.ndarray | None:
@@ -457,6 +467,7 @@ def segment(
     spacing = volume.orientation.canonical_spacing
     chosen = parse_slices(config.slices, n_slices)
     grid = SliceGrid((rows, cols), (spacing[1], spacing[2]), tuple(ckpt.spacing_mm))
+    bgrid = _baseline_grid(grid, models) if config.prior == "baseline" else grid
     image = normalize_intensity(canonical, ckpt.intensity)
     ncls = len(ckpt.class_names)
     schedule = schedule_from_dict(ckpt.schedule)
@@ -473,18 +484,25 @@ def segment(
 
     for bi, idx in enumerate(batches):
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(image[idx]))[:, None].to(dev)
-            x = grid.to_model(x)
+            x_scan = torch.from_numpy(np.ascontiguousarray(image[idx]))[:, None].to(dev)
+            x = grid.to_model(x_scan)
             tp = time.perf_counter()
             prior = None
+            pre_scan = None  # the presegmentation on the scan grid, from the presegmenter's own grid
             if config.prior == "baseline":
-                prior = torch.sigmoid(models.baseline(_baseline_input(image, idx, spacing, grid, models, dev, x)))
+                xb = x if bgrid is grid else bgrid.to_model(x_scan)
+                pre = torch.sigmoid(models.baseline(_baseline_input(image, idx, spacing, bgrid, models, dev, xb)))
+                if bgrid is grid:
+                    prior = pre
+                else:
+                    pre_scan = bgrid.to_scan(pre.float())
+                    prior = grid.to_model(pre_scan)
             elif prior_canon is not None:
                 onehot = np.moveaxis(labels_to_channels(prior_canon[idx], ckpt.class_names), 0, 1)
                 prior = grid.to_model(torch.from_numpy(np.ascontiguousarray(onehot)).to(dev), mode="nearest")
             timings["prior_s"] += time.perf_counter() - tp
             if stream_every and prior is not None:  # step 0: the presegmentation this batch's denoising starts from
-                p0 = grid.to_scan(prior.float()).cpu().numpy()
+                p0 = (grid.to_scan(prior.float()) if pre_scan is None else pre_scan).cpu().numpy()
                 u0 = grid.to_scan(step_uncertainty(prior.float()).amax(dim=1, keepdim=True)).cpu().numpy()[:, 0]
                 yield StepUpdate(tuple(idx), 0, steps_per_batch, config.t_start, bi, len(batches), p0, u0)
         ts0 = time.perf_counter()
@@ -513,9 +531,17 @@ def segment(
         tq = time.perf_counter()
         with torch.inference_mode():
             full_p = roi.paste(res.probabilities.float(), prior, x)
-            if config.prior == "baseline" and res.steps_run > 0 and config.baseline_weight > 0:
-                full_p = blend_presegmentation(full_p, prior.float(), config.baseline_weight)
-            probs = grid.to_scan(full_p).cpu().numpy()  # (n, C, rows, cols)
+            if pre_scan is None:  # one grid: blend there
+                if config.prior == "baseline" and res.steps_run > 0 and config.baseline_weight > 0:
+                    full_p = blend_presegmentation(full_p, prior.float(), config.baseline_weight)
+                probs = grid.to_scan(full_p).cpu().numpy()  # (n, C, rows, cols)
+            elif res.steps_run == 0:  # the presegmentation stands, at its own resolution
+                probs = pre_scan.cpu().numpy()
+            else:  # a finer presegmenter: blend on the scan grid, so its detail survives
+                probs = grid.to_scan(full_p)
+                if config.baseline_weight > 0:
+                    probs = blend_presegmentation(probs, pre_scan, config.baseline_weight)
+                probs = probs.cpu().numpy()
             if config.uncertainty != "labels":  # the step maps; the "labels" map comes from the final probabilities
                 if res.steps_run == 0:  # the presegmentation stands: its own -p log p is the uncertainty
                     full_u = step_uncertainty(full_p)
@@ -588,7 +614,10 @@ def build_provenance(volume: Volume, config: SegmentationConfig, models: LoadedM
                   "shape": list(volume.shape), "affine": np.round(volume.affine, 6).tolist()},
         "checkpoint": {"path": models.diffusion_path, "sha256": sha256_file(models.diffusion_path),
                        "baseline": models.baseline_path,
-                       "baseline_sha256": sha256_file(models.baseline_path) if models.baseline_path else None},
+                       "baseline_sha256": sha256_file(models.baseline_path) if models.baseline_path else None,
+                       "spacing_mm": [float(v) for v in models.diffusion_config.spacing_mm],
+                       "baseline_spacing_mm": ([float(v) for v in models.baseline_config.spacing_mm]
+                                               if models.baseline_config is not None else None)},
         "config": config.to_dict(),
         "device": str(models.device),
         "engine": {"name": models.engine, "precision": models.precision},
