@@ -28,7 +28,7 @@ from napari_spinesegdiff.config import SegmentationConfig
 from napari_spinesegdiff.evaluation.evaluate import load_eval_cases, score_case, split_patients
 from napari_spinesegdiff.labelscheme import ChannelRoles, merge_vertebrae, structure_probabilities
 from napari_spinesegdiff.pipeline import LABEL_UNCERTAINTY_SCALE, binary_entropy, finalize_labels, \
-    label_uncertainty, run
+    label_uncertainty, run, smooth_across_slices
 
 ROOT = Path(__file__).resolve().parents[1]
 BINS_MM = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, np.inf)
@@ -36,13 +36,6 @@ BINS_MM = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, np.inf)
 
 def entropy(p: np.ndarray) -> np.ndarray:
     return binary_entropy(p) * LABEL_UNCERTAINTY_SCALE
-
-
-def smoothed(p: np.ndarray, rng: range, slice_mm: float, smooth_mm: float) -> np.ndarray:
-    p = np.array(p, np.float32)
-    p[:, rng.start:rng.stop] = ndimage.gaussian_filter1d(p[:, rng.start:rng.stop], smooth_mm / slice_mm, axis=1,
-                                                         mode="nearest")
-    return p
 
 
 def error_distances(case, labels: np.ndarray, spacing) -> np.ndarray:
@@ -105,8 +98,8 @@ def main() -> None:
         labels = finalize_labels(probs, spacing, config.replace(vertebrae="split"), rng, names)  # smooths probs
         if case.vertebrae != "split":
             labels = merge_vertebrae(labels)
-        pre = smoothed(pre_run.canonical_probabilities, rng, spacing[0], config.smooth_mm)
-        dif = smoothed(dif_run.canonical_probabilities, rng, spacing[0], config.smooth_mm)
+        pre, dif = (smooth_across_slices(np.array(r.canonical_probabilities, np.float32), spacing[0],
+                                         config.smooth_mm, rng) for r in (pre_run, dif_run))
         shares = error_distances(case, labels, spacing)
         print(f"  {case.name:20s} ({spacing[1]:.2f} mm pixels) " + " ".join(f"{v:.2f}" for v in shares))
         steps_map = dif_run.canonical_class_uncertainty.max(axis=0)

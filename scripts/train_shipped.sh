@@ -29,6 +29,13 @@ COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lu
         --preset small --batch-size 8 --crop 160 160 --val-every 500
         --threads "${THREADS:-1}" --no-progress $RESUME)
 mkdir -p runs
+# FILE = a shipped weights file from git history (REV's weights/PART.safetensors), unless FILE exists
+shipped_weights() {
+    if [ ! -f "$1" ]; then
+        mkdir -p "$(dirname "$1")"
+        git show "$2:src/napari_spinesegdiff/weights/$3.safetensors" > "$1"
+    fi
+}
 if [ "$STAGE" = 1 ] || [ "$STAGE" = all ]; then
     # the splits file is created by the first command; start the second once it exists
     .venv/bin/spinesegdiff train --kind baseline --iterations "$BASE_ITER" --seed 0 "${COMMON[@]}" \
@@ -67,12 +74,9 @@ V4=(--data "lumbar:$DATA/lumbar" --data "slabs:$DATA/spider_t2space" --data phan
     --crop 160 160 --no-progress)
 if [ "$STAGE" = 4 ] || [ "$STAGE" = all ]; then
     V3=${V3:-runs/v3}  # the v3 files (as shipped before v4: git show e0a7f45:src/napari_spinesegdiff/weights/...)
-    if [ ! -f "$V3/baseline.safetensors" ]; then
-        mkdir -p "$V3"
-        for f in baseline diffusion; do
-            git show "e0a7f45:src/napari_spinesegdiff/weights/$f.safetensors" > "$V3/$f.safetensors"
-        done
-    fi
+    for f in baseline diffusion; do
+        shipped_weights "$V3/$f.safetensors" e0a7f45 "$f"
+    done
     .venv/bin/python scripts/make_splits_v4.py "$DATA" src/napari_spinesegdiff/weights/splits_v4.json
     # the presegmenter runs to iteration 1,000 (2 threads); then it finishes its 2,500 (1 thread) while the
     # diffusion model trains beside it (1 thread) with the presegmenter of iteration 1,000 as its prior
@@ -94,10 +98,7 @@ if [ "$STAGE" = 4.1 ] || [ "$STAGE" = all ]; then
     # v4.1: a second, gentler cosine cycle of the presegmenter from v4's (2,000 iterations, 2 threads, 26 min);
     # the diffusion model stays v4's
     V4_BASELINE=${V4_BASELINE:-runs/v4_baseline/best.safetensors}  # v4's, as shipped in 2dc2a5f
-    if [ ! -f "$V4_BASELINE" ]; then
-        mkdir -p "$(dirname "$V4_BASELINE")"
-        git show "2dc2a5f:src/napari_spinesegdiff/weights/baseline.safetensors" > "$V4_BASELINE"
-    fi
+    shipped_weights "$V4_BASELINE" 2dc2a5f baseline
     .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 2.5e-4 --seed 6 --val-every 500 \
         --init "$V4_BASELINE" "${V4[@]}" --threads 2 --out runs/v41_baseline \
         >> runs/v41_baseline.log 2>&1
@@ -110,13 +111,8 @@ if [ "$STAGE" = 4.2 ] || [ "$STAGE" = all ]; then
     # 2 threads, 17 min), one after the other
     V41_BASELINE=${V41_BASELINE:-runs/v41_baseline/best.safetensors}  # v4.1's, as shipped in c2a8be4
     V4_DIFFUSION=${V4_DIFFUSION:-runs/v4_diffusion/best.safetensors}  # v4's, as shipped in 2dc2a5f
-    for pair in "$V41_BASELINE:c2a8be4:baseline" "$V4_DIFFUSION:2dc2a5f:diffusion"; do
-        IFS=: read -r file rev part <<< "$pair"
-        if [ ! -f "$file" ]; then
-            mkdir -p "$(dirname "$file")"
-            git show "$rev:src/napari_spinesegdiff/weights/$part.safetensors" > "$file"
-        fi
-    done
+    shipped_weights "$V41_BASELINE" c2a8be4 baseline
+    shipped_weights "$V4_DIFFUSION" 2dc2a5f diffusion
     .venv/bin/spinesegdiff train --kind baseline --iterations 1500 --lr 2.5e-4 --seed 7 --val-every 500 \
         --soft-targets --init "$V41_BASELINE" "${V4[@]}" --threads 2 --out runs/v42_baseline \
         >> runs/v42_baseline.log 2>&1
@@ -133,10 +129,7 @@ if [ "$STAGE" = 4.3 ]; then
     # validation mean Dice 0.9137 against 0.9132, band AUROC 0.8550 against 0.8545: within run-to-run noise, so
     # not shipped
     V42_BASELINE=${V42_BASELINE:-runs/v42_baseline/best.safetensors}  # v4.2's, as shipped in 15a54be
-    if [ ! -f "$V42_BASELINE" ]; then
-        mkdir -p "$(dirname "$V42_BASELINE")"
-        git show "15a54be:src/napari_spinesegdiff/weights/baseline.safetensors" > "$V42_BASELINE"
-    fi
+    shipped_weights "$V42_BASELINE" 15a54be baseline
     .venv/bin/spinesegdiff train --kind baseline --iterations 1200 --lr 1.5e-4 --seed 9 --val-every 400 \
         --soft-targets --init "$V42_BASELINE" "${V4[@]}" --threads 2 --out runs/v43_baseline \
         >> runs/v43_baseline.log 2>&1
@@ -150,13 +143,8 @@ if [ "$STAGE" = 4.4 ]; then
     # (spinesegdiff evaluate --subset val)
     V42_DIFFUSION=${V42_DIFFUSION:-runs/v42_diffusion/best.safetensors}  # v4.2's, as shipped in 15a54be
     V42_BASELINE=${V42_BASELINE:-runs/v42_baseline/best.safetensors}  # v4.2's, as shipped in 15a54be
-    for pair in "$V42_BASELINE:baseline" "$V42_DIFFUSION:diffusion"; do
-        IFS=: read -r file part <<< "$pair"
-        if [ ! -f "$file" ]; then
-            mkdir -p "$(dirname "$file")"
-            git show "15a54be:src/napari_spinesegdiff/weights/$part.safetensors" > "$file"
-        fi
-    done
+    shipped_weights "$V42_BASELINE" 15a54be baseline
+    shipped_weights "$V42_DIFFUSION" 15a54be diffusion
     .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 3e-4 --seed 10 --val-every 400 \
         --soft-targets --context 1 --context-mm 2.0 --init "$V42_BASELINE" "${V4[@]}" --threads 2 \
         --out runs/v44_baseline >> runs/v44_baseline.log 2>&1
@@ -172,9 +160,7 @@ if [ "$STAGE" = 4.5 ]; then
     # Run on 2026-12-03 (1,561 s): default 0.9140 against 0.9145, presegmentation alone 0.9134 against 0.9141:
     # not shipped
     V44_BASELINE=${V44_BASELINE:-runs/v44_baseline.safetensors}  # v4.4's, as shipped in af86047
-    if [ ! -f "$V44_BASELINE" ]; then
-        git show "af86047:src/napari_spinesegdiff/weights/baseline.safetensors" > "$V44_BASELINE"
-    fi
+    shipped_weights "$V44_BASELINE" af86047 baseline
     .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 3e-4 --seed 13 --val-every 400 \
         --soft-targets --context 1 --context-mm 2.0 --spacing 0.75 0.75 --init "$V44_BASELINE" \
         "${V4[@]}" --crop 192 192 --threads 2 --out runs/v45_075 >> runs/v45_075.log 2>&1
@@ -184,9 +170,7 @@ if [ "$STAGE" = 4.6 ]; then
     # 31 min; proxy 0.910 against 0.908).  Run on 2026-12-03: validation default 0.9166 against 0.9145, lumbar
     # bodies 0.912 against 0.906, SPIDER middle slice 0.929 against 0.929; below the 0.003 margin, so not shipped
     V44_BASELINE=${V44_BASELINE:-runs/v44_baseline.safetensors}  # v4.4's, as shipped in af86047
-    if [ ! -f "$V44_BASELINE" ]; then
-        git show "af86047:src/napari_spinesegdiff/weights/baseline.safetensors" > "$V44_BASELINE"
-    fi
+    shipped_weights "$V44_BASELINE" af86047 baseline
     .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 2e-4 --seed 14 --val-every 400 \
         --soft-targets --context 1 --context-mm 2.0 --init "$V44_BASELINE" "${V4[@]}" --threads 2 \
         --out runs/v46_cycle >> runs/v46_cycle.log 2>&1

@@ -10,8 +10,8 @@ intensity normalisation -> batches of ``batch_slices`` slices x ``ensemble`` sam
 prior (shipped baseline, a labels volume, or none; a baseline runs at its own checkpoint's spacing, which may
 be finer than the diffusion model's) -> DDIM sampler with the step-uncertainty ensemble -> back to the scan
 grid (linear for maps, labels from the resampled probabilities) -> optional blend with the presegmentation
-(``baseline_weight``; on the scan grid when the presegmenter's is finer, so its detail survives) -> optional Gaussian smoothing of the probabilities across sagittal
-slices (``smooth_mm``; the networks are 2-D) -> labels and post-processing in millimetres -> the uncertainty
+(``baseline_weight``; on the scan grid when the presegmenter's is finer, so its detail survives) -> optional
+Gaussian smoothing of the probabilities across sagittal slices (``smooth_mm``; the networks are 2-D) -> labels and post-processing in millimetres -> the uncertainty
 map (default ``"labels"``: the entropy of the probabilities the labels were drawn from,
 :func:`label_uncertainty`) -> file order.
 Memory for the model stays flat in the number of slices.
@@ -233,8 +233,7 @@ def _baseline_input(image: np.ndarray, idx, spacing, grid: SliceGrid, models: Lo
 def _baseline_grid(grid: SliceGrid, models: LoadedModels) -> SliceGrid:
     """The presegmenter's own model grid: its checkpoint's spacing, which may be finer than the diffusion
     model's (the presegmenter runs once per slice, the denoiser ensemble x steps times)."""
-    cfg = models.baseline_config
-    own = tuple(float(v) for v in cfg.spacing_mm) if cfg is not None else tuple(grid.target_spacing)
+    own = tuple(float(v) for v in models.baseline_config.spacing_mm)
     return grid if own == tuple(grid.target_spacing) else SliceGrid(grid.shape, grid.spacing, own)
 
 
@@ -337,6 +336,18 @@ def blend_presegmentation(diffusion, presegmentation, weight: float):
     return (1.0 - weight) * diffusion + weight * presegmentation
 
 
+def smooth_across_slices(prob_c: np.ndarray, slice_mm: float, smooth_mm: float, slices: range) -> np.ndarray:
+    """In place: Gaussian smoothing (sigma ``smooth_mm``) of channel probabilities (C, n, rows, cols) across
+    the contiguous sagittal ``slices`` that were segmented; nothing when ``smooth_mm`` is 0 or one slice."""
+    if smooth_mm > 0 and len(slices) > 1:
+        from scipy import ndimage
+
+        first, stop = slices.start, slices.stop
+        prob_c[:, first:stop] = ndimage.gaussian_filter1d(prob_c[:, first:stop], smooth_mm / slice_mm, axis=1,
+                                                          mode="nearest")
+    return prob_c
+
+
 def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], config: SegmentationConfig,
                     slices: range | None = None, class_names: Sequence[str] | None = None) -> np.ndarray:
     """Canonical channel probabilities (C, n, rows, cols) -> canonical written labels (n, rows, cols), the
@@ -353,12 +364,7 @@ def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], con
     if config.vertebrae == "split" and not roles.can_split:
         raise SegmentationError("This model has no vertebral-body and whole-vertebra channels, so it cannot "
                                 "split vertebrae; use vertebrae 'whole' or a v4 model.")
-    first, stop = slices.start, slices.stop
-    if config.smooth_mm > 0 and len(slices) > 1:
-        from scipy import ndimage
-
-        prob_c[:, first:stop] = ndimage.gaussian_filter1d(prob_c[:, first:stop], config.smooth_mm / spacing[0],
-                                                          axis=1, mode="nearest")
+    smooth_across_slices(prob_c, float(spacing[0]), config.smooth_mm, slices)
     labels = np.zeros(prob_c.shape[1:], np.uint8)
     for k in slices:
         structures = structure_probabilities(prob_c[:, k], roles) if roles.known else prob_c[:, k]
