@@ -177,21 +177,13 @@ def cmd_segment(args) -> int:
     Outputs are written to temporaries beside their targets and moved into place together at the end;
     Ctrl+C or SIGTERM at any point leaves the complete set or nothing, and no temporary file.
     """
-    from .config import SegmentationConfig
     from .io.guard import check_signal
     from .io.outputs import OutputSet
     from .io.readers import read_volume
     from .pipeline import Progress, run
 
     try:
-        cfg = SegmentationConfig(
-            checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint, steps=args.steps,
-            t_start=args.t_start, ensemble=args.ensemble, aggregate_steps=args.aggregate_steps,
-            fusion=args.fusion, uncertainty=args.uncertainty_mode, prior=args.prior, num_classes=args.classes,
-            device=args.device, seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
-            baseline_weight=args.baseline_weight, smooth_mm=args.smooth_mm, vertebrae=args.vertebrae,
-            engine=args.engine,
-        )
+        cfg = _config_from_args(args)
         _check_segment_paths(args, cfg)  # cheap: before the scan is even read
         if not args.scan.exists():
             return _fail(f"{args.scan} does not exist.")
