@@ -53,3 +53,17 @@ def test_the_blend_with_a_finer_presegmenter_is_made_on_the_scan_grid(fine_basel
     np.testing.assert_allclose(only_pre, preseg, atol=1e-5)  # weight 1: the fine presegmentation, unblurred
     np.testing.assert_allclose(half, 0.5 * only_diff + 0.5 * only_pre, atol=1e-5)
     assert np.abs(only_diff - only_pre)[:, 5:7].max() > 0.2  # the denoiser ran and changed the mask
+
+
+def test_outside_the_refined_box_the_fine_presegmentation_stands(fine_baseline, scan):
+    """The denoiser refines only the box around the prior's column; beyond it the written probabilities are
+    the fine presegmentation itself, not blended with its 1 mm resampling (as on one grid)."""
+    cfg = SegmentationConfig(steps=2, ensemble=2, slices="5:7", engine="torch", smooth_mm=0.0,
+                             baseline_checkpoint=str(fine_baseline[0]), roi_margin_mm=0.0)
+    preseg = run(scan, cfg.replace(t_start=0)).canonical_probabilities[:, 5:7]
+    half = run(scan, cfg.replace(baseline_weight=0.5)).canonical_probabilities[:, 5:7]
+    changed = np.abs(half - preseg).max(axis=(0, 1)) > 1e-6  # (rows, cols) where the blend moved anything
+    cols = np.flatnonzero(changed.any(axis=0))
+    assert changed.any() and 60 < cols[0] and cols[-1] < 280  # the spine's box (about 93-222 of 360) only
+    np.testing.assert_allclose(half[..., :60], preseg[..., :60], atol=1e-6)
+    np.testing.assert_allclose(half[..., 280:], preseg[..., 280:], atol=1e-6)

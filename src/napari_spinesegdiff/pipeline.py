@@ -547,6 +547,10 @@ def segment(
                 probs = grid.to_scan(full_p)
                 if config.baseline_weight > 0:
                     probs = blend_presegmentation(probs, pre_scan, config.baseline_weight)
+                if roi.box is not None:  # outside the box the fine presegmentation stands, as on one grid
+                    box = roi.paste(torch.ones_like(res.probabilities[:, :1]).float(), None, x)
+                    inside = grid.to_scan(box)
+                    probs = inside * probs + (1.0 - inside) * pre_scan
                 probs = probs.cpu().numpy()
             if config.uncertainty != "labels":  # the step maps; the "labels" map comes from the final probabilities
                 if res.steps_run == 0:  # the presegmentation stands: its own -p log p is the uncertainty
