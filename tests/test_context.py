@@ -96,13 +96,22 @@ def test_pipeline_feeds_the_2p5d_presegmenter_its_neighbouring_slices(grown_base
     one, same, previous = grown_baseline
     ph = make_phantom(seed=4, contrast="T2w", spacing=(3.0, 0.8, 0.8))
     cfg = SegmentationConfig(t_start=0, slices="3:7", engine=engine, smooth_mm=0.0, baseline_checkpoint=str(one))
-    plain = run(ph.image, cfg).canonical_probabilities
+    first = run(ph.image, cfg)
+    plain = first.canonical_probabilities
+    # bfloat16 (OpenVINO on a CPU with AVX-512 BF16 or AMX) rounds the three-channel and the one-channel input
+    # convolutions differently: a few boundary voxels move by ~0.01, the mean stays within 1e-4
+    atol = 3e-2 if first.provenance["engine"]["precision"] == "bf16" else 2e-3
+
+    def close(a, b):
+        np.testing.assert_allclose(a, b, atol=atol)
+        assert np.abs(a - b).mean() < 1e-4
+
     grown = run(ph.image, cfg.replace(baseline_checkpoint=str(same))).canonical_probabilities
-    np.testing.assert_allclose(grown, plain, atol=2e-3)  # zero neighbour weights: the one-slice network
+    close(grown, plain)  # zero neighbour weights: the one-slice network
     # reading the previous slice (3 mm away): slice k is segmented as the one-slice network segments k - 1
     shifted = run(ph.image, cfg.replace(baseline_checkpoint=str(previous))).canonical_probabilities
     before = run(ph.image, cfg.replace(slices="2:6")).canonical_probabilities
-    np.testing.assert_allclose(shifted[:, 3:7], before[:, 2:6], atol=2e-3)
+    close(shifted[:, 3:7], before[:, 2:6])
     assert np.abs(shifted[:, 3:7] - plain[:, 3:7]).max() > 0.2  # the slices differ, so the test can fail
 
 
