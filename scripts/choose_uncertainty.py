@@ -14,7 +14,12 @@ Candidates (per written structure, then the max over structures):
 * ``labels``: the binary entropy of the final probability the labels are drawn from (blended and smoothed);
 * ``labels, unsmoothed``: the same before the smoothing across slices;
 * ``expected entropy``: the mean of the presegmentation's and the diffusion's binary entropies;
-* ``labels + steps``: the sum of ``labels`` and ``steps``.
+* ``labels + steps``: the sum of ``labels`` and ``steps``;
+* ``labels, in-plane blur S mm``: ``labels`` from the final probability blurred in plane (Gaussian, sigma S mm),
+  which widens the uncertain rim where the network is sharp, so voxels a little off the drawn boundary are
+  ranked by their distance to it instead of tying at zero;
+* ``labels, across slices S mm``: ``labels`` from the probability smoothed across slices to S mm (the labels
+  themselves keep the default 2 mm).
 
     .venv/bin/python scripts/choose_uncertainty.py --data slabs:../shared/data/spider_t2space \\
         --data lumbar:../shared/data/lumbar --splits src/napari_spinesegdiff/weights/splits_v4.json \\
@@ -36,20 +41,33 @@ from napari_spinesegdiff.pipeline import (LABEL_UNCERTAINTY_SCALE, binary_entrop
                                           finalize_labels, load_models, run)
 
 
+BLUR_MM = (0.5, 1.0, 2.0)
+ACROSS_MM = (3.0, 4.0)  # total sigma across slices, the labels' own being 2 mm
+
+
 def written_channels(p: np.ndarray, roles: ChannelRoles) -> dict[int, np.ndarray]:
     """Written label -> the map behind it, from a per-channel (C, ...) map: canal, disc, and for label 2 the
     larger of the whole-vertebra and body channels' maps, as the pipeline's step maps combine channels."""
     return {1: p[roles.canal], 2: np.maximum(p[roles.body], p[roles.whole]), 3: p[roles.disc]}
 
 
-def candidate_maps(pre, dif, step, smoothed, blended, roles, vertebrae) -> dict[str, dict[int, np.ndarray]]:
+def candidate_maps(pre, dif, step, smoothed, blended, roles, vertebrae,
+                   spacing=(1.0, 1.0, 1.0)) -> dict[str, dict[int, np.ndarray]]:
     """Candidate name -> written label -> map (all on the 0..1/e scale)."""
     import torch
+    from scipy import ndimage
 
     from napari_spinesegdiff.model.sampler import step_uncertainty
 
     h = {}
-    for key, prob in {"pre": pre, "dif": dif, "sm": smoothed, "bl": blended}.items():
+    probs = {"pre": pre, "dif": dif, "sm": smoothed, "bl": blended}
+    for mm in BLUR_MM:
+        sigma = (0.0, 0.0, mm / spacing[1], mm / spacing[2])  # (channel, slice, row, col): in plane only
+        probs[f"blur{mm}"] = ndimage.gaussian_filter(smoothed, sigma).astype(np.float32)
+    for mm in ACROSS_MM:
+        extra = np.sqrt(mm ** 2 - SegmentationConfig.smooth_mm ** 2) / spacing[0]
+        probs[f"across{mm}"] = ndimage.gaussian_filter1d(smoothed, extra, axis=1, mode="nearest")
+    for key, prob in probs.items():
         # the entropy of each written structure's probability, and with split vertebrae that of the body
         # channel, which divides label 2 from 4 (as pipeline.label_uncertainty)
         canal, vert, disc = binary_entropy(structure_probabilities(prob, roles)) * LABEL_UNCERTAINTY_SCALE
@@ -66,6 +84,8 @@ def candidate_maps(pre, dif, step, smoothed, blended, roles, vertebrae) -> dict[
         "labels, unsmoothed": h["bl"],
         "expected entropy": {c: 0.5 * (h["pre"][c] + h["dif"][c]) for c in labels},
         "labels + steps": {c: h["sm"][c] + steps[c] for c in labels},
+        **{f"labels, in-plane blur {mm} mm": h[f"blur{mm}"] for mm in BLUR_MM},
+        **{f"labels, across slices {mm} mm": h[f"across{mm}"] for mm in ACROSS_MM},
     }
 
 
@@ -109,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             errors |= ((labels == c) != (case.truth == c)) & region
             fg |= (labels == c) | (case.truth == c)
         band = band_mask(fg, fg, BAND_VOXELS) & region
-        for name, maps in candidate_maps(pre, dif, step, smoothed, blended, roles, case.vertebrae).items():
+        for name, maps in candidate_maps(pre, dif, step, smoothed, blended, roles, case.vertebrae,
+                                          case.image.orientation.canonical_spacing).items():
             shown = np.max([maps[c] for c in (1, 2, 3)], axis=0)
             row = {"case": case.name, "map": name, "class": "all (the map a user sees)",
                    "band_auroc": round(auroc(shown[band], errors[band]), 4)}

@@ -129,6 +129,34 @@ def test_band_auroc_leaves_out_far_background_with_a_known_answer():
     assert flat["band_auroc"] == 0.5 and flat["band_auroc_class"] == 0.5
 
 
+def test_band_auroc_of_the_labelled_structures_leaves_out_an_unlabelled_neighbour():
+    """Only the disc is labelled (a partially labelled scan).  The map a user sees is 1 on the disc's errors and
+    on a strip of the canal's boundary next to it, inside the band; nobody labelled the canal, so those voxels
+    count as correct: the overall band AUROC drops below 1 by the known share of the strip, while the map of
+    the labelled structure's own channel (the disc's) finds exactly its errors."""
+    from napari_spinesegdiff.evaluation.metrics import band_mask
+
+    names = ["spinal canal", "vertebrae", "intervertebral disc"]
+    truth = np.zeros((1, 60, 60), np.uint8)
+    truth[0, 10:30, 10:30] = 3
+    pred = np.zeros_like(truth)
+    pred[0, 10:30, 12:32] = 3
+    errors = pred != truth
+    canal_rim = np.zeros_like(errors)
+    canal_rim[0, 10:30, 34:36] = True  # background in truth and prediction, 2-3 voxels from the disc
+    class_unc = np.stack([canal_rim, np.zeros_like(errors), errors]).astype(np.float32)
+    shown = class_unc.max(axis=0)
+    case = EvalCase("c", "lumbar", Volume(np.zeros((1, 60, 60), np.float32), np.eye(4)), truth, (3,), None)
+    (row,) = score_case(case, pred, shown, class_unc, names)
+    band = band_mask(pred > 0, truth > 0, 5)
+    assert band[canal_rim].all()
+    n_err, n_rim = int(errors[band].sum()), int(canal_rim.sum())
+    n_ok = int(band.sum()) - n_err
+    assert row["band_auroc"] == pytest.approx(1 - 0.5 * n_rim / n_ok, abs=1e-4)  # ties with the errors: 1/2
+    assert row["band_auroc"] < 0.99
+    assert row["band_auroc_labelled"] == 1.0 and row["band_auroc_class"] == 1.0
+
+
 def test_label_channels_and_probabilities_of_four_and_three_channel_models():
     from napari_spinesegdiff.labelscheme import (CHANNELS, CHANNELS_V3, label_channels, label_probability,
                                                  labels_to_channels, merge_vertebrae)

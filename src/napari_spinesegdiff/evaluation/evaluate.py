@@ -144,9 +144,15 @@ def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
     ``band_auroc``: the same map within ``band`` voxels (in-plane) of the truth or the prediction of any
     labelled class, which leaves out the far background a reviewer never looks at; the row's
     ``band_auroc_class`` uses that class's own channels' uncertainty (``class_uncertainty`` (C, ...), with
-    the model's ``class_names``), its own errors and its own band."""
+    the model's ``class_names``), its own errors and its own band.  ``band_auroc_labelled``: as ``band_auroc``,
+    but the map is the max over the labelled classes' own channels only.  On a partially labelled scan (a
+    lumbar scan with bodies only) the map a user sees also lights the canal's and the discs' boundaries next to
+    the bodies; whether those voxels are wrong is unknown, yet ``band_auroc`` counts them as correct and
+    flagged.  Where every structure is labelled the two figures differ only by how the whole vertebra's map
+    is made (channels here, the written structure's probability in the map a user sees)."""
     spacing = case.image.orientation.canonical_spacing
     rows = []
+    own_maps = []
     region = case.in_range if case.in_range is not None else np.ones(case.truth.shape, bool)
     mid = case.truth.shape[0] // 2
     errors = np.zeros(case.truth.shape, bool)
@@ -166,6 +172,7 @@ def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
             ch = label_channels(c, class_names, case.vertebrae)
             if ch:
                 own = np.max(class_uncertainty[ch], axis=0)
+                own_maps.append(own)
                 sel = band_mask(p, t, band) & region
                 row["band_auroc_class"] = round(auroc(own[sel], ((p != t) & region)[sel]), 4)
         rows.append(row)
@@ -175,9 +182,12 @@ def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
     au = auroc(uncertainty[sel], errors[sel])
     in_band = band_mask(fg, fg, band) & region
     au_band = auroc(uncertainty[in_band], errors[in_band])
+    labelled = np.max(own_maps, axis=0) if own_maps else None
+    au_labelled = auroc(labelled[in_band], errors[in_band]) if labelled is not None else float("nan")
     for r in rows:
         r["uncertainty_auroc"] = round(au, 4)
         r["band_auroc"] = round(au_band, 4)
+        r["band_auroc_labelled"] = round(au_labelled, 4)
         r["error_fraction"] = round(float(errors[sel].mean()), 5)
     return rows
 
@@ -400,14 +410,17 @@ def _report(out_dir: Path, rows, deg_rows, sweep_rows, rel, config, models, meth
         "", f"## Uncertainty: AUROC for misclassified voxels in a band of {BAND_VOXELS} voxels around truth "
         "and prediction", "", "(the map's max over classes for all labelled classes; per class its own channels)",
         ""]
-    lines += _mean_table(rows, "band_auroc_class") + ["", "| data | method | n | band AUROC | slice AUROC |",
-                                                       "|---|---|---|---|---|"]
+    lines += _mean_table(rows, "band_auroc_class") + [
+        "", "(band AUROC: the map a user sees; labelled only: the map of the labelled structures' own channels, "
+        "which leaves out unlabelled structures' boundaries on partially labelled scans)", "",
+        "| data | method | n | band AUROC | band AUROC, labelled only | slice AUROC |", "|---|---|---|---|---|---|"]
     for g in sorted({r["group"] for r in rows}):
         for m in methods:
             sel = {r["case"]: r for r in rows if r["group"] == g and r["method"] == m}
             if sel:
                 lines.append(f"| {g} | {m} | {len(sel)} | "
                              f"{np.nanmean([r['band_auroc'] for r in sel.values()]):.4f} | "
+                             f"{np.nanmean([r.get('band_auroc_labelled', np.nan) for r in sel.values()]):.4f} | "
                              f"{np.nanmean([r['uncertainty_auroc'] for r in sel.values()]):.4f} |")
     lines += ["", "## Per case", "",
               "| case | class | method | Dice | Dice whole | Dice mid | HD95 mm | AUROC | band AUROC | "
