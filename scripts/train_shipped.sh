@@ -23,7 +23,7 @@ DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
 BASE_FT3_ITER=${BASE_FT3_ITER:-5000}
 DIFF_FT3_ITER=${DIFF_FT3_ITER:-3000}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
-STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped), 4.4 (2.5-D presegmenter), 4.5 (a candidate: the presegmenter at 0.75 mm), 4.6 (v4.6: a second cycle of v4.4's presegmenter), 4.7 (a candidate: a third cycle) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
+STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped), 4.4 (2.5-D presegmenter), 4.5 (a candidate: the presegmenter at 0.75 mm), 4.6 (v4.6: a second cycle of v4.4's presegmenter), 4.7 (a candidate: a third cycle), 4.8 (a candidate: v4.6's recipe with fewer phantom batches) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
                      # presegmenter; 4.2 = both networks fine-tuned on partial-volume targets)
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
         --preset small --batch-size 8 --crop 160 160 --val-every 500
@@ -184,4 +184,14 @@ if [ "$STAGE" = 4.7 ]; then
     .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 2e-4 --seed 15 --val-every 400 \
         --soft-targets --context 1 --context-mm 2.0 --init "$V46_BASELINE" "${V4[@]}" --threads "${THREADS:-2}" \
         --out runs/v47_cycle >> runs/v47_cycle.log 2>&1
+fi
+if [ "$STAGE" = 4.8 ]; then
+    # v4.8 candidate: v4.6's recipe (a second cycle of v4.4's presegmenter, seed 15) with phantoms in 10 % of the
+    # batches instead of 30 %, so the real scans get 90 % (balanced per source, then per group)
+    V44_BASELINE=${V44_BASELINE:-runs/v44_baseline.safetensors}  # v4.4's, as shipped in af86047
+    shipped_weights "$V44_BASELINE" af86047 baseline
+    OUT=${OUT:-runs/v48_phantom10}
+    .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 2e-4 --seed "${SEED:-15}" --val-every 400 \
+        --soft-targets --context 1 --context-mm 2.0 --phantom-share 0.1 --init "$V44_BASELINE" "${V4[@]}" \
+        --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
 fi

@@ -157,6 +157,27 @@ def test_band_auroc_of_the_labelled_structures_leaves_out_an_unlabelled_neighbou
     assert row["band_auroc_labelled"] == 1.0 and row["band_auroc_class"] == 1.0
 
 
+def test_a_class_is_scored_with_its_written_label_map_where_given():
+    """A whole vertebra whose body channel doubts the body's border inside it: scored by the channels it is
+    charged for that border (AUROC below 1), scored by its written label's map (which has no such border) it
+    finds exactly its errors."""
+    names = ["spinal canal", "vertebral body", "intervertebral disc", "vertebra"]
+    truth = np.zeros((1, 60, 60), np.uint8)
+    truth[0, 10:30, 10:30] = 2
+    pred = np.zeros_like(truth)
+    pred[0, 10:30, 12:32] = 2
+    errors = (pred != truth).astype(np.float32)
+    inner = np.zeros_like(errors)
+    inner[0, 10:30, 20:22] = 1.0  # the body's border with the posterior elements, inside the vertebra
+    class_unc = np.stack([np.zeros_like(errors), inner, np.zeros_like(errors), errors])
+    case = EvalCase("c", "spider", Volume(np.zeros((1, 60, 60), np.float32), np.eye(4)), truth, (2,), None)
+    (by_channels,) = score_case(case, pred, errors, class_unc, names)
+    (by_label,) = score_case(case, pred, errors, class_unc, names, label_maps={2: errors})
+    assert by_channels["band_auroc_class"] < 0.99 and by_channels["band_auroc_labelled"] < 0.99
+    assert by_label["band_auroc_class"] == 1.0 and by_label["band_auroc_labelled"] == 1.0
+    assert by_label["band_auroc"] == by_channels["band_auroc"] == 1.0  # the map a user sees is unchanged
+
+
 def test_label_channels_and_probabilities_of_four_and_three_channel_models():
     from napari_spinesegdiff.labelscheme import (CHANNELS, CHANNELS_V3, label_channels, label_probability,
                                                  labels_to_channels, merge_vertebrae)

@@ -256,3 +256,26 @@ def test_labels_uncertainty_follows_the_written_scheme():
     np.testing.assert_allclose(whole[0, 0], [0.0, s, 0.0], atol=1e-4)
     np.testing.assert_allclose(split[0, 0], [s, s, 0.0], atol=1e-4)
     np.testing.assert_allclose(per_channel[1, 0, 0], [s, 0.0, 0.0], atol=1e-4)
+
+
+def test_each_written_label_has_its_own_map_and_the_shown_map_is_their_max():
+    """written_uncertainty: the whole vertebra (2) is not uncertain at the body's edge inside it; split,
+    body (2) and posterior elements (4) are; the canal's edge is the canal's (1) only."""
+    from napari_spinesegdiff.labelscheme import CHANNELS
+    from napari_spinesegdiff.pipeline import LABEL_UNCERTAINTY_SCALE as s
+    from napari_spinesegdiff.pipeline import label_uncertainty, written_uncertainty
+
+    p = np.zeros((4, 2, 1, 3), np.float32)  # canal, body, disc, whole vertebra; two slices
+    p[:, :, 0, 0] = np.array([0.0, 0.5, 0.0, 1.0])[:, None]  # inside a vertebra, at the body's edge
+    p[:, :, 0, 1] = np.array([0.5, 0.0, 0.0, 0.0])[:, None]  # at the canal's edge
+    whole = written_uncertainty(p, CHANNELS, "whole", range(0, 1))
+    split = written_uncertainty(p, CHANNELS, "split")
+    assert sorted(whole) == [1, 2, 3] and sorted(split) == [1, 2, 3, 4]
+    np.testing.assert_allclose(whole[2][0, 0], [0.0, 0.0, 0.0], atol=1e-4)
+    np.testing.assert_allclose(whole[1][0, 0], [0.0, s, 0.0], atol=1e-4)
+    assert not whole[1][1].any()  # outside the segmented slices
+    np.testing.assert_allclose(split[2][0, 0], [s, 0.0, 0.0], atol=1e-4)
+    np.testing.assert_array_equal(split[4], split[2])
+    for scheme, maps in (("whole", whole), ("split", split)):
+        shown, _ = label_uncertainty(p, CHANNELS, scheme, range(0, 1) if scheme == "whole" else None)
+        np.testing.assert_array_equal(shown, np.max(list(maps.values()), axis=0))

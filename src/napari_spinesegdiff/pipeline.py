@@ -388,34 +388,53 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
     return -(p * np.log2(p) + (1.0 - p) * np.log2(1.0 - p))
 
 
+def written_uncertainty(prob_c: np.ndarray, class_names: Sequence[str], vertebrae: str = "whole",
+                        slices: range | None = None) -> dict[int, np.ndarray]:
+    """Written label -> the ``"labels"`` uncertainty of that label: the binary entropy of the probability it is
+    drawn from, from final channel probabilities (C, n, rows, cols) as :func:`finalize_labels` leaves them.
+
+    Canal (1), (whole) vertebra (2) and disc (3) use :func:`labelscheme.structure_probabilities`; with
+    ``vertebrae="split"`` labels 2 and 4 also take the entropy of the vertebral-body probability that divides
+    them.  Models with unknown channels map label ``c`` to channel ``c - 1``.  Scaled by
+    :data:`LABEL_UNCERTAINTY_SCALE`, 0 outside ``slices`` (default all)."""
+    from .labelscheme import ChannelRoles, structure_probabilities
+
+    roles = ChannelRoles.of(class_names)
+    if roles.known:
+        canal, vert, disc = binary_entropy(structure_probabilities(prob_c, roles))
+        if vertebrae == "split" and roles.can_split:
+            vert = np.maximum(vert, binary_entropy(prob_c[roles.body]))
+        maps = {1: canal, 2: vert, 3: disc}
+        if vertebrae == "split" and roles.can_split:
+            maps[4] = vert
+    else:
+        maps = {c + 1: h for c, h in enumerate(binary_entropy(prob_c))}
+    return {c: _scaled_in(h, slices) for c, h in maps.items()}
+
+
+def _scaled_in(h: np.ndarray, slices: range | None) -> np.ndarray:
+    """An entropy map (n, ...) times :data:`LABEL_UNCERTAINTY_SCALE`, float32, 0 outside ``slices``."""
+    out = (h * LABEL_UNCERTAINTY_SCALE).astype(np.float32)
+    if slices is not None:
+        outside = np.ones(out.shape[0], bool)
+        outside[slices.start:slices.stop] = False
+        out[outside] = 0.0
+    return out
+
+
 def label_uncertainty(prob_c: np.ndarray, class_names: Sequence[str], vertebrae: str = "whole",
                       slices: range | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``"labels"`` uncertainty from final channel probabilities (C, n, rows, cols), as :func:`finalize_labels`
     leaves them (blended, smoothed): ``(map, per_channel)``.
 
-    ``map`` is the largest binary entropy over the probabilities the written labels are drawn from: canal,
-    (whole) vertebra and disc (:func:`labelscheme.structure_probabilities`), and with ``vertebrae="split"`` the
-    vertebral-body probability that divides label 2 from 4.  A boundary between body and posterior elements is
-    not uncertain when they are written as one vertebra.  ``per_channel`` is each channel's own entropy.  Both
-    are scaled by :data:`LABEL_UNCERTAINTY_SCALE` and are 0 outside ``slices`` (default all)."""
-    from .labelscheme import ChannelRoles, structure_probabilities
-
-    roles = ChannelRoles.of(class_names)
-    per_channel = binary_entropy(prob_c)
-    if roles.known:
-        written = binary_entropy(structure_probabilities(prob_c, roles)).max(axis=0)
-        if vertebrae == "split" and roles.can_split:
-            written = np.maximum(written, per_channel[roles.body])
-    else:
-        written = per_channel.max(axis=0)
-    written *= LABEL_UNCERTAINTY_SCALE
-    per_channel *= LABEL_UNCERTAINTY_SCALE
-    if slices is not None:
-        outside = np.ones(prob_c.shape[1], bool)
-        outside[slices.start:slices.stop] = False
-        written[outside] = 0.0
-        per_channel[:, outside] = 0.0
-    return written.astype(np.float32), per_channel.astype(np.float32)
+    ``map`` is the largest of the written labels' maps (:func:`written_uncertainty`): canal, (whole) vertebra
+    and disc, and with ``vertebrae="split"`` the vertebral-body probability that divides label 2 from 4.  A
+    boundary between body and posterior elements is not uncertain when they are written as one vertebra.
+    ``per_channel`` is each channel's own entropy.  Both are scaled by :data:`LABEL_UNCERTAINTY_SCALE` and are
+    0 outside ``slices`` (default all)."""
+    written = np.max(list(written_uncertainty(prob_c, class_names, vertebrae, slices).values()), axis=0)
+    per_channel = np.stack([_scaled_in(h, slices) for h in binary_entropy(prob_c)])
+    return written.astype(np.float32), per_channel
 
 
 def _labels_from_probabilities(probs: np.ndarray) -> np.ndarray:

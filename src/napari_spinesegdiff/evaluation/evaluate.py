@@ -135,7 +135,7 @@ def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = Non
 
 def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
                class_uncertainty: np.ndarray | None = None, class_names: Sequence[str] | None = None,
-               band: int = BAND_VOXELS) -> list[dict]:
+               band: int = BAND_VOXELS, label_maps: dict[int, np.ndarray] | None = None) -> list[dict]:
     """One row per labelled class: Dice in range, whole volume and on the middle sagittal slice, HD95 in
     range, and AUROCs of the uncertainty for the misclassified voxels.
 
@@ -144,12 +144,14 @@ def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
     ``band_auroc``: the same map within ``band`` voxels (in-plane) of the truth or the prediction of any
     labelled class, which leaves out the far background a reviewer never looks at; the row's
     ``band_auroc_class`` uses that class's own channels' uncertainty (``class_uncertainty`` (C, ...), with
-    the model's ``class_names``), its own errors and its own band.  ``band_auroc_labelled``: as ``band_auroc``,
-    but the map is the max over the labelled classes' own channels only.  On a partially labelled scan (a
-    lumbar scan with bodies only) the map a user sees also lights the canal's and the discs' boundaries next to
-    the bodies; whether those voxels are wrong is unknown, yet ``band_auroc`` counts them as correct and
-    flagged.  Where every structure is labelled the two figures differ only by how the whole vertebra's map
-    is made (channels here, the written structure's probability in the map a user sees)."""
+    the model's ``class_names``), its own errors and its own band; where ``label_maps`` (written label -> its
+    map, :func:`pipeline.written_uncertainty`) are given, the class's own map is that label's instead, so a
+    whole vertebra is not charged for the body channel's doubt at the body's border with the posterior
+    elements, which is no boundary of the written label.  ``band_auroc_labelled``: as ``band_auroc``, but
+    the map is the max over the labelled classes' own maps only.  On a partially labelled scan (a lumbar scan
+    with bodies only) the map a user sees also lights the canal's and the discs' boundaries next to the
+    bodies; whether those voxels are wrong is unknown, yet ``band_auroc`` counts them as correct and flagged.
+    Where every structure is labelled and ``label_maps`` are given, the two figures are the same."""
     spacing = case.image.orientation.canonical_spacing
     rows = []
     own_maps = []
@@ -168,13 +170,17 @@ def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
             "hd95_mm": round(hd95(p & region, t & region, spacing), 2),
             "band_auroc_class": float("nan"),
         }
-        if class_uncertainty is not None and class_names is not None:
+        own = None
+        if label_maps is not None and c in label_maps:
+            own = label_maps[c]
+        elif class_uncertainty is not None and class_names is not None:
             ch = label_channels(c, class_names, case.vertebrae)
             if ch:
                 own = np.max(class_uncertainty[ch], axis=0)
-                own_maps.append(own)
-                sel = band_mask(p, t, band) & region
-                row["band_auroc_class"] = round(auroc(own[sel], ((p != t) & region)[sel]), 4)
+        if own is not None:
+            own_maps.append(own)
+            sel = band_mask(p, t, band) & region
+            row["band_auroc_class"] = round(auroc(own[sel], ((p != t) & region)[sel]), 4)
         rows.append(row)
     # AUROC over the slices that contain labelled structure, in range (background far away is excluded)
     slices = case.truth.any(axis=(1, 2))
@@ -244,7 +250,7 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
     test patients) of ``fold`` is evaluated.
     """
     from ..labelscheme import ChannelRoles
-    from ..pipeline import load_models, run
+    from ..pipeline import load_models, run, written_uncertainty
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,8 +268,10 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
         for method, (res, seconds, probs) in _method_results(case, config.replace(vertebrae=vertebrae), methods,
                                                               run, class_names).items():
             labels = res.canonical_labels if case.vertebrae == "split" else merge_vertebrae(res.canonical_labels)
+            maps = (written_uncertainty(probs, class_names, case.vertebrae, _segmented(res))
+                    if config.uncertainty == "labels" else None)
             for r in score_case(case, labels, res.canonical_uncertainty, res.canonical_class_uncertainty,
-                                class_names):
+                                class_names, label_maps=maps):
                 rows.append({"method": method, **r, "seconds": round(seconds, 2)})
             deg_rows += _degenerated_rows(case, labels, method)
             region = case.in_range if case.in_range is not None else slice(None)
