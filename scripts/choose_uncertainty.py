@@ -36,9 +36,8 @@ import numpy as np
 from napari_spinesegdiff.config import SegmentationConfig
 from napari_spinesegdiff.evaluation.evaluate import BAND_VOXELS, load_eval_cases, split_patients, write_csv
 from napari_spinesegdiff.evaluation.metrics import auroc, band_mask
-from napari_spinesegdiff.labelscheme import ChannelRoles, merge_vertebrae, structure_probabilities
-from napari_spinesegdiff.pipeline import (LABEL_UNCERTAINTY_SCALE, binary_entropy, blend_presegmentation,
-                                          finalize_labels, load_models, run)
+from napari_spinesegdiff.labelscheme import ChannelRoles, merge_vertebrae
+from napari_spinesegdiff.pipeline import blend_presegmentation, finalize_labels, load_models, run, written_uncertainty
 
 
 BLUR_MM = (0.5, 1.0, 2.0)
@@ -51,9 +50,9 @@ def written_channels(p: np.ndarray, roles: ChannelRoles) -> dict[int, np.ndarray
     return {1: p[roles.canal], 2: np.maximum(p[roles.body], p[roles.whole]), 3: p[roles.disc]}
 
 
-def candidate_maps(pre, dif, step, smoothed, blended, roles, vertebrae,
+def candidate_maps(pre, dif, step, smoothed, blended, names, vertebrae,
                    spacing=(1.0, 1.0, 1.0)) -> dict[str, dict[int, np.ndarray]]:
-    """Candidate name -> written label -> map (all on the 0..1/e scale)."""
+    """Candidate name -> written label -> map (all on the 0..1/e scale), for a model with channels ``names``."""
     import torch
     from scipy import ndimage
 
@@ -68,12 +67,10 @@ def candidate_maps(pre, dif, step, smoothed, blended, roles, vertebrae,
         extra = np.sqrt(mm ** 2 - SegmentationConfig.smooth_mm ** 2) / spacing[0]
         probs[f"across{mm}"] = ndimage.gaussian_filter1d(smoothed, extra, axis=1, mode="nearest")
     for key, prob in probs.items():
-        # the entropy of each written structure's probability, and with split vertebrae that of the body
-        # channel, which divides label 2 from 4 (as pipeline.label_uncertainty)
-        canal, vert, disc = binary_entropy(structure_probabilities(prob, roles)) * LABEL_UNCERTAINTY_SCALE
-        if vertebrae == "split":
-            vert = np.maximum(vert, binary_entropy(prob[roles.body]) * LABEL_UNCERTAINTY_SCALE)
-        h[key] = {1: canal, 2: vert, 3: disc}
+        # each written structure's map, as the pipeline draws it (label 4 shares label 2's)
+        maps = written_uncertainty(prob, names, vertebrae)
+        h[key] = {c: maps[c] for c in (1, 2, 3)}
+    roles = ChannelRoles.of(names)
     steps = written_channels(step, roles)
     prior = written_channels(step_uncertainty(torch.from_numpy(pre)).numpy(), roles)  # -p log p
     labels = (1, 2, 3)
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             errors |= ((labels == c) != (case.truth == c)) & region
             fg |= (labels == c) | (case.truth == c)
         band = band_mask(fg, fg, BAND_VOXELS) & region
-        for name, maps in candidate_maps(pre, dif, step, smoothed, blended, roles, case.vertebrae,
+        for name, maps in candidate_maps(pre, dif, step, smoothed, blended, names, case.vertebrae,
                                           case.image.orientation.canonical_spacing).items():
             shown = np.max([maps[c] for c in (1, 2, 3)], axis=0)
             row = {"case": case.name, "map": name, "class": "all (the map a user sees)",

@@ -402,11 +402,9 @@ def written_uncertainty(prob_c: np.ndarray, class_names: Sequence[str], vertebra
     roles = ChannelRoles.of(class_names)
     if roles.known:
         canal, vert, disc = binary_entropy(structure_probabilities(prob_c, roles))
-        if vertebrae == "split" and roles.can_split:
-            vert = np.maximum(vert, binary_entropy(prob_c[roles.body]))
         maps = {1: canal, 2: vert, 3: disc}
         if vertebrae == "split" and roles.can_split:
-            maps[4] = vert
+            maps[2] = maps[4] = np.maximum(vert, binary_entropy(prob_c[roles.body]))
     else:
         maps = {c + 1: h for c, h in enumerate(binary_entropy(prob_c))}
     return {c: _scaled_in(h, slices) for c, h in maps.items()}

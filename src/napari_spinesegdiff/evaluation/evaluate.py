@@ -416,10 +416,10 @@ def _report(out_dir: Path, rows, deg_rows, sweep_rows, rel, config, models, meth
     lines += _mean_table(rows) + ["", "## Dice on the middle sagittal slice (2-D, as in the paper)", ""]
     lines += _mean_table(rows, "dice_mid") + [
         "", f"## Uncertainty: AUROC for misclassified voxels in a band of {BAND_VOXELS} voxels around truth "
-        "and prediction", "", "(the map's max over classes for all labelled classes; per class its own channels)",
+        "and prediction", "", "(the map's max over classes for all labelled classes; per class its own map)",
         ""]
     lines += _mean_table(rows, "band_auroc_class") + [
-        "", "(band AUROC: the map a user sees; labelled only: the map of the labelled structures' own channels, "
+        "", "(band AUROC: the map a user sees; labelled only: the labelled structures' own maps, "
         "which leaves out unlabelled structures' boundaries on partially labelled scans)", "",
         "| data | method | n | band AUROC | band AUROC, labelled only | slice AUROC |", "|---|---|---|---|---|---|"]
     for g in sorted({r["group"] for r in rows}):
