@@ -195,3 +195,25 @@ if [ "$STAGE" = 4.8 ]; then
         --soft-targets --context 1 --context-mm 2.0 --phantom-share 0.1 --init "$V44_BASELINE" "${V4[@]}" \
         --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
 fi
+if [ "$STAGE" = 4.9 ]; then
+    # v4.9 candidate: capacity.  v4.6's presegmenter widened to the "medium" preset (features 32, 32, 64, 128,
+    # 256, 32: 2.0 M parameters against 0.50 M; training_step about 5x the cost), function-preserving (old
+    # channels first, the new ones unread at the start), then one cosine cycle of 1,500 iterations at 3e-4.
+    # Run on 2026-12-04 (1,687 s, proxy 0.913 against v4.6's 0.911): validation default 0.9180 against 0.9177
+    # (SPIDER slab 0.921 against 0.920, middle slice 0.931 against 0.930, lumbar bodies 0.912 against 0.913;
+    # band AUROC SPIDER 0.865 against 0.867, lumbar 0.847 against 0.845): below the 0.003 bar, not shipped
+    V46_BASELINE=${V46_BASELINE:-src/napari_spinesegdiff/weights/baseline.safetensors}  # v4.6's, as shipped in eac6427
+    OUT=${OUT:-runs/v49_medium}
+    .venv/bin/spinesegdiff train --kind baseline --iterations 1500 --lr 3e-4 --seed "${SEED:-16}" --val-every 500 \
+        --soft-targets --context 1 --context-mm 2.0 --init "$V46_BASELINE" "${V4[@]}" --preset medium \
+        --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
+fi
+if [ "$STAGE" = 4.10 ]; then
+    # v4.10 candidate: a second cosine cycle of the widened presegmenter (as v4.6 was for v4.4's), 2,000
+    # iterations at 2e-4, seed 17
+    V49_BASELINE=${V49_BASELINE:-runs/v49_medium/best.safetensors}
+    OUT=${OUT:-runs/v410_medium}
+    .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 2e-4 --seed "${SEED:-17}" --val-every 500 \
+        --soft-targets --context 1 --context-mm 2.0 --init "$V49_BASELINE" "${V4[@]}" --preset medium \
+        --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
+fi

@@ -226,6 +226,41 @@ def test_three_channel_weights_grow_into_the_four_channel_model(kind):
         load_init_weights(new, bad, log=lambda s: None)
 
 
+def test_widened_presegmenter_computes_what_the_narrow_one_did():
+    """Capacity without starting over: widening a trained presegmenter (tiny -> small here, small -> medium in
+    train_shipped.sh) keeps its output exactly, while the new channels can learn."""
+    import dataclasses
+
+    from napari_spinesegdiff.model.baseline import BaselineNet
+    from napari_spinesegdiff.model.network import PRESETS
+    from napari_spinesegdiff.training.train import load_init_weights, widen_basic_unet
+
+    torch.manual_seed(0)
+    narrow = BaselineNet(dataclasses.replace(PRESETS["tiny"], num_classes=4, in_channels=3)).eval()
+    with torch.no_grad():  # non-trivial normalisation and bias values, as after training
+        for name, p in narrow.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    wide = BaselineNet(dataclasses.replace(PRESETS["small"], num_classes=4, in_channels=3))
+    logs: list[str] = []
+    load_init_weights(wide, narrow.state_dict(), log=logs.append)
+    wide.eval()
+    assert any("widened" in s for s in logs)
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in narrow.parameters())
+    x = torch.rand(2, 3, 48, 64)
+    with torch.no_grad():
+        a, b = wide(x), narrow(x)
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    wide.train()
+    wide(x).square().mean().backward()
+    # the zero weights reading the new channels are not stuck: the output layer's get a gradient at once, and
+    # each step opens the path one layer further back
+    final = dict(wide.named_parameters())["unet.final_conv.weight"]
+    assert final.grad[:, 8:].abs().sum() > 0, "the new channels can never reach the output"
+    with pytest.raises(ValueError, match="Cannot widen"):
+        widen_basic_unet(wide.state_dict(), narrow.state_dict())
+
+
 def test_sampling_is_balanced_per_source_then_group():
     def case(name, group, source):
         c = TrainCase(name, name, group, *[np.zeros(1)] * 2, np.ones(4, bool))

@@ -299,7 +299,7 @@ def _add_train(sub) -> None:
     p.add_argument("--splits", type=Path, help="patient-level folds JSON (created if missing)")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--preset", default="small", help="network preset: tiny | small | midl2025")
+    p.add_argument("--preset", default="small", help="network preset: tiny | small | medium | midl2025")
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, nargs=2, default=(160, 160))

@@ -89,6 +89,7 @@ def json_ready(value: Any) -> Any:
 PRESETS: dict[str, NetworkConfig] = {
     "midl2025": NetworkConfig(features=(64, 64, 128, 256, 512, 64)),
     "small": NetworkConfig(features=(16, 16, 32, 64, 128, 16)),
+    "medium": NetworkConfig(features=(32, 32, 64, 128, 256, 32)),  # a presegmenter widened from "small"
     "tiny": NetworkConfig(features=(8, 8, 16, 32, 64, 8)),
 }
 

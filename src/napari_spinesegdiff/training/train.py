@@ -99,6 +99,12 @@ def load_init_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], log:
     missing = sorted(set(own) - set(state))
     if missing:
         raise ValueError(f"The initial weights lack {len(missing)} tensors of this network (e.g. {missing[0]}).")
+    first = "unet.conv_0.conv_0.conv.weight"
+    if first in state and first in own and state[first].shape[0] < own[first].shape[0]:
+        net.load_state_dict(widen_basic_unet(state, own))
+        log(f"widened a presegmenter from {state[first].shape[0]} to {own[first].shape[0]} first-level features "
+            "(the new channels start unread, so it computes what the narrow one did)")
+        return
     grown = 0
     for key, old in state.items():
         if key not in own:
@@ -124,6 +130,43 @@ def load_init_weights(net: torch.nn.Module, state: dict[str, torch.Tensor], log:
     net.load_state_dict(own)
     if grown:
         log(f"grew {grown} tensors from 3 to 4 channels (whole vertebra starts as the vertebral body)")
+
+
+def widen_basic_unet(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A wider MONAI BasicUNet (``own``: its freshly initialised tensors) that computes what ``state`` does.
+
+    Every layer keeps its old channels first; the new output channels keep their random initialisation, and
+    the weights from new input channels into old output channels are zero, so no old channel (and so not the
+    output) reads a new one until training moves those weights.  The decoder's first convolution of each level
+    reads a concatenation (skip features, then upsampled features), so the old channels of each part are placed
+    at the start of that part.  The image input and the class outputs keep their size."""
+    out: dict[str, torch.Tensor] = {}
+    for key, new in own.items():
+        old = state[key]
+        if old.shape == new.shape:
+            out[key] = old.clone()
+            continue
+        if old.ndim != new.ndim or any(o > n for o, n in zip(old.shape, new.shape)):
+            raise ValueError(f"Cannot widen {key} from {tuple(old.shape)} to {tuple(new.shape)}.")
+        w = new.clone()
+        if old.ndim == 1:  # bias or normalisation: old channels first, new ones as initialised
+            w[: old.shape[0]] = old
+            out[key] = w
+            continue
+        deconv = key.endswith("deconv.weight")  # ConvTranspose: (in, out, k, k)
+        if deconv:
+            w, old = w.transpose(0, 1), old.transpose(0, 1)  # views: (out, in, k, k)
+        n_out = old.shape[0]
+        dst_in = list(range(old.shape[1]))
+        if ".convs.conv_0.conv.weight" in key and key.startswith("unet.upcat_"):
+            up_key = key.replace("convs.conv_0.conv.weight", "upsample.deconv.weight")
+            up_old, up_new = state[up_key].shape[1], own[up_key].shape[1]
+            skip_old, skip_new = old.shape[1] - up_old, w.shape[1] - up_new
+            dst_in = list(range(skip_old)) + list(range(skip_new, skip_new + up_old))
+        w[:n_out] = 0.0
+        w[:n_out, dst_in] = old
+        out[key] = w.transpose(0, 1).contiguous() if deconv else w
+    return out
 
 
 def checkpoint_config(cfg: TrainConfig, net_cfg, metrics: dict, extra: dict) -> dict:
