@@ -215,3 +215,6 @@ def test_method_results_equal_runs_with_each_methods_settings():
         assert agree > 0.9999, (method, agree)
         assert labels[4:8].any() and not labels[:4].any()
     assert not np.array_equal(derived["presegmentation"][2], derived["diffusion"][2])
+    for method, (res, _, _, maps) in derived.items():  # the scored per-label maps are the shown map's parts
+        assert set(maps) == {1, 2, 3}
+        np.testing.assert_array_equal(np.max(list(maps.values()), axis=0), res.canonical_uncertainty)

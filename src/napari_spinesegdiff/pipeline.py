@@ -421,7 +421,8 @@ def _scaled_in(h: np.ndarray, slices: range | None) -> np.ndarray:
 
 
 def label_uncertainty(prob_c: np.ndarray, class_names: Sequence[str], vertebrae: str = "whole",
-                      slices: range | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      slices: range | None = None,
+                      written: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``"labels"`` uncertainty from final channel probabilities (C, n, rows, cols), as :func:`finalize_labels`
     leaves them (blended, smoothed): ``(map, per_channel)``.
 
@@ -429,10 +430,13 @@ def label_uncertainty(prob_c: np.ndarray, class_names: Sequence[str], vertebrae:
     and disc, and with ``vertebrae="split"`` the vertebral-body probability that divides label 2 from 4.  A
     boundary between body and posterior elements is not uncertain when they are written as one vertebra.
     ``per_channel`` is each channel's own entropy.  Both are scaled by :data:`LABEL_UNCERTAINTY_SCALE` and are
-    0 outside ``slices`` (default all)."""
-    written = np.max(list(written_uncertainty(prob_c, class_names, vertebrae, slices).values()), axis=0)
+    0 outside ``slices`` (default all).  ``written``: the maps :func:`written_uncertainty` gives for the same
+    arguments, where the caller already has them."""
+    if written is None:
+        written = written_uncertainty(prob_c, class_names, vertebrae, slices)
+    shown = np.max(list(written.values()), axis=0)
     per_channel = np.stack([_scaled_in(h, slices) for h in binary_entropy(prob_c)])
-    return written.astype(np.float32), per_channel
+    return shown.astype(np.float32), per_channel
 
 
 def _labels_from_probabilities(probs: np.ndarray) -> np.ndarray:

@@ -250,7 +250,7 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
     test patients) of ``fold`` is evaluated.
     """
     from ..labelscheme import ChannelRoles
-    from ..pipeline import load_models, run, written_uncertainty
+    from ..pipeline import load_models, run
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,11 +265,9 @@ def evaluate(sources: Sequence[str], config: SegmentationConfig, out_dir: Path, 
     rows, deg_rows = [], []
     rel: dict[str, dict[str, list]] = {}
     for case in cases:
-        for method, (res, seconds, probs) in _method_results(case, config.replace(vertebrae=vertebrae), methods,
-                                                              run, class_names).items():
+        for method, (res, seconds, probs, maps) in _method_results(case, config.replace(vertebrae=vertebrae),
+                                                                    methods, run, class_names).items():
             labels = res.canonical_labels if case.vertebrae == "split" else merge_vertebrae(res.canonical_labels)
-            maps = (written_uncertainty(probs, class_names, case.vertebrae, _segmented(res))
-                    if config.uncertainty == "labels" else None)
             for r in score_case(case, labels, res.canonical_uncertainty, res.canonical_class_uncertainty,
                                 class_names, label_maps=maps):
                 rows.append({"method": method, **r, "seconds": round(seconds, 2)})
@@ -299,16 +297,17 @@ def _method_results(case: EvalCase, config: SegmentationConfig, methods: Sequenc
     method's settings computes (blending and smoothing are linear and commute with the resampling to the
     scan grid).  The step-uncertainty maps are the runs' own; the ``"labels"`` map is made from each method's
     final probabilities, in the case's own label scheme (``case.vertebrae``).  Returns method -> (result with its
-    labels and uncertainty, seconds of the runs it needs, the final probabilities)."""
+    labels and uncertainty, seconds of the runs it needs, the final probabilities, and in the ``"labels"`` mode
+    each written label's own map, :func:`pipeline.written_uncertainty`, else None)."""
     import dataclasses
 
-    from ..pipeline import blend_presegmentation, finalize_labels, label_uncertainty
+    from ..pipeline import blend_presegmentation, finalize_labels, label_uncertainty, written_uncertainty
 
     out = {}
     if list(methods) == ["default"]:  # one run with the default settings is cheaper than two
         t0 = time.perf_counter()
         res = run(case.image, config.replace(prior="baseline"), stream_every=0)
-        out["default"] = (res, time.perf_counter() - t0, res.canonical_probabilities)
+        out["default"] = (res, time.perf_counter() - t0, res.canonical_probabilities, None)
     else:
         raw = config.replace(prior="baseline", baseline_weight=0.0, smooth_mm=0.0, vertebrae="whole")
         spacing = case.image.orientation.canonical_spacing
@@ -331,12 +330,13 @@ def _method_results(case: EvalCase, config: SegmentationConfig, methods: Sequenc
             probs = np.array(probs, np.float32)  # finalize_labels smooths in place
             labels = finalize_labels(probs, spacing, config, _segmented(base), class_names)
             out[method] = (dataclasses.replace(base, canonical_labels=labels, canonical_probabilities=probs),
-                           seconds, probs)
+                           seconds, probs, None)
     if config.uncertainty == "labels":
-        for method, (res, seconds, probs) in out.items():
-            unc, class_unc = label_uncertainty(probs, class_names, case.vertebrae, _segmented(res))
+        for method, (res, seconds, probs, _) in out.items():
+            maps = written_uncertainty(probs, class_names, case.vertebrae, _segmented(res))
+            unc, class_unc = label_uncertainty(probs, class_names, case.vertebrae, _segmented(res), written=maps)
             out[method] = (dataclasses.replace(res, canonical_uncertainty=unc, canonical_class_uncertainty=class_unc),
-                           seconds, probs)
+                           seconds, probs, maps)
     return out
 
 
