@@ -19,6 +19,7 @@ interleaved (one of each in turn), so a drift of the machine's speed hits them a
 machine:
 
     .venv/bin/python benchmarks/bench_cli.py [--repeats 3] [--slices all] [--variants default,onnxruntime,...]
+        [--compare-baseline OLD_PRESEGMENTER.safetensors]
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated subset of {', '.join(VARIANTS)}")
     ap.add_argument("--no-throughput", action="store_true", help="skip the GFLOP/s measurement")
+    ap.add_argument("--compare-baseline", type=Path, default=None, metavar="CKPT",
+                    help="add the default with this presegmenter checkpoint as a variant (interleaved)")
     args = ap.parse_args()
     wanted = {v.strip() for v in args.variants.split(",")}
     unknown = wanted - set(VARIANTS)
@@ -139,9 +142,17 @@ def main() -> None:
                                                                           ["--engine", "torch"]),
         }
         variants = {name: (env, extra) for name, (key, env, extra) in variants.items() if key in wanted}
+        if args.compare_baseline is not None:
+            if not args.compare_baseline.is_file():
+                ap.error(f"--compare-baseline: no such file: {args.compare_baseline}")
+            variants[f"default, presegmenter {args.compare_baseline.name} (cached export)"] = (
+                {"SPINESEGDIFF_CACHE": cache}, ["--baseline-checkpoint", str(args.compare_baseline)])
         scan = make_scan(Path(tmp))
         out = Path(tmp) / "labels.nii.gz"
         run_once(scan, out, {**os.environ, "SPINESEGDIFF_CACHE": cache}, "mid", [])  # fills the cache
+        if args.compare_baseline is not None:
+            run_once(scan, out, {**os.environ, "SPINESEGDIFF_CACHE": cache}, "mid",
+                     ["--baseline-checkpoint", str(args.compare_baseline)])
         results, spread = {}, {}
         runs_of: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for _ in range(args.repeats):  # interleaved: one run of each variant in turn
