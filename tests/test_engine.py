@@ -173,6 +173,47 @@ def test_openvino_sessions_run_in_several_threads_at_once(cache):
 
 
 @needs_openvino
+@pytest.mark.skipif(sys.platform == "win32", reason="the compile lock is fcntl's")
+def test_openvino_compiles_under_a_lock_and_without_the_cache_when_the_cache_fails(cache, monkeypatch):
+    """Dask workers starting together once broke each other's OpenVINO cache ("cannot set permissions: No such
+    file or directory [...blob]"): cached compiles hold a lock other processes wait on, and a compile that
+    fails through the cache is done again without it."""
+    import fcntl
+
+    import openvino as ov
+
+    original = ov.Core.compile_model
+    calls: list[tuple[bool, bool]] = []  # (through the cache, the lock was held)
+
+    def flaky(self, model, device=None, config=None):
+        cached = "CACHE_DIR" in (config or {})
+        held = False
+        if cached:
+            with open(Path(config["CACHE_DIR"]) / ".lock", "a+b") as fh:  # another open file: as another process
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                except BlockingIOError:
+                    held = True
+        calls.append((cached, held))
+        if cached:
+            raise RuntimeError("filesystem error: cannot set permissions: No such file or directory")
+        return original(self, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", flaky)
+    model, _ = engine.onnx_model(SHIPPED_BASELINE, threads=1, runtime="openvino")
+    assert calls == [(True, True), (False, False)]
+    base, _ = load_checkpoint(SHIPPED_BASELINE)
+    image = torch.randn(1, BASE_IN, 48, 40, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = base(image)
+    out = model(image)
+    assert float((out - ref).abs().mean()) < 0.05 * float(ref.abs().mean())
+    with open(cache / "openvino" / ".lock", "a+b") as fh:  # released afterwards
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@needs_openvino
 def test_openvino_run_agrees_with_onnxruntime_and_records_its_engine(cache, tmp_path):
     from napari_spinesegdiff import pipeline
 
