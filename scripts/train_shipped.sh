@@ -195,6 +195,13 @@ if [ "$STAGE" = 4.8 ]; then
         --soft-targets --context 1 --context-mm 2.0 --phantom-share 0.1 --init "$V44_BASELINE" "${V4[@]}" \
         --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
 fi
+# medium_cycle INIT ITERATIONS LR SEED OUT: one cosine cycle of the 2.5-D presegmenter at the "medium" preset
+# (widened from INIT when INIT is narrower), on partial-volume targets, into OUT (log: OUT.log)
+medium_cycle() {
+    .venv/bin/spinesegdiff train --kind baseline --iterations "$2" --lr "$3" --seed "$4" --val-every 500 \
+        --soft-targets --context 1 --context-mm 2.0 --init "$1" "${V4[@]}" --preset medium \
+        --threads "${THREADS:-2}" --out "$5" >> "$5.log" 2>&1
+}
 if [ "$STAGE" = 4.9 ]; then
     # v4.9 candidate: capacity.  v4.6's presegmenter widened to the "medium" preset (features 32, 32, 64, 128,
     # 256, 32: 2.0 M parameters against 0.50 M; training_step about 5x the cost), function-preserving (old
@@ -204,10 +211,7 @@ if [ "$STAGE" = 4.9 ]; then
     # band AUROC SPIDER 0.865 against 0.867, lumbar 0.847 against 0.845): below the 0.003 bar, not shipped
     V46_BASELINE=${V46_BASELINE:-runs/v46_shipped/baseline.safetensors}  # v4.6's, as shipped in eac6427
     shipped_weights "$V46_BASELINE" eac6427 baseline
-    OUT=${OUT:-runs/v49_medium}
-    .venv/bin/spinesegdiff train --kind baseline --iterations 1500 --lr 3e-4 --seed "${SEED:-16}" --val-every 500 \
-        --soft-targets --context 1 --context-mm 2.0 --init "$V46_BASELINE" "${V4[@]}" --preset medium \
-        --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
+    medium_cycle "$V46_BASELINE" 1500 3e-4 "${SEED:-16}" "${OUT:-runs/v49_medium}"
 fi
 if [ "$STAGE" = 4.10 ]; then
     # v4.10 candidate: a second cosine cycle of the widened presegmenter (as v4.6 was for v4.4's), 2,000
@@ -215,10 +219,7 @@ if [ "$STAGE" = 4.10 ]; then
     # v4.6's 0.9177 (SPIDER slab 0.922 against 0.920, middle slice 0.932 against 0.930, lumbar bodies 0.914
     # against 0.913; band AUROC SPIDER 0.866 against 0.867): +0.0016, below the 0.003 bar, not shipped
     V49_BASELINE=${V49_BASELINE:-runs/v49_medium/best.safetensors}
-    OUT=${OUT:-runs/v410_medium}
-    .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 2e-4 --seed "${SEED:-17}" --val-every 500 \
-        --soft-targets --context 1 --context-mm 2.0 --init "$V49_BASELINE" "${V4[@]}" --preset medium \
-        --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
+    medium_cycle "$V49_BASELINE" 2000 2e-4 "${SEED:-17}" "${OUT:-runs/v410_medium}"
 fi
 if [ "$STAGE" = 4.11 ]; then
     # v4.11 (shipped): a third cosine cycle of the widened presegmenter, from STAGE=4.10's, 2,000 iterations at
@@ -227,17 +228,12 @@ if [ "$STAGE" = 4.11 ]; then
     # lumbar bodies 0.915 against 0.913; band AUROC SPIDER 0.869 against 0.867, lumbar 0.853 against 0.845;
     # 11 of 13 structures up, 2 down by <= 0.0003).  Run STAGE=4.9, 4.10, 4.11 in turn on a fresh clone.
     V410_BASELINE=${V410_BASELINE:-runs/v410_medium/best.safetensors}
-    OUT=${OUT:-runs/v411_medium}
-    .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 2e-4 --seed "${SEED:-18}" --val-every 500 \
-        --soft-targets --context 1 --context-mm 2.0 --init "$V410_BASELINE" "${V4[@]}" --preset medium \
-        --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
+    medium_cycle "$V410_BASELINE" 2000 2e-4 "${SEED:-18}" "${OUT:-runs/v411_medium}"
 fi
 if [ "$STAGE" = 4.12 ]; then
     # v4.12 candidate: a fourth cosine cycle of the widened presegmenter, from v4.11's (as shipped), 2,000
     # iterations at 2e-4, seed 19
-    V411_BASELINE=${V411_BASELINE:-runs/v411_medium/best.safetensors}
-    OUT=${OUT:-runs/v412_medium}
-    .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 2e-4 --seed "${SEED:-19}" --val-every 500 \
-        --soft-targets --context 1 --context-mm 2.0 --init "$V411_BASELINE" "${V4[@]}" --preset medium \
-        --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
+    V411_BASELINE=${V411_BASELINE:-runs/v411_shipped/baseline.safetensors}  # v4.11's, as shipped in b7c4362
+    shipped_weights "$V411_BASELINE" b7c4362 baseline
+    medium_cycle "$V411_BASELINE" 2000 2e-4 "${SEED:-19}" "${OUT:-runs/v412_medium}"
 fi
