@@ -182,16 +182,16 @@ class _OpenVinoSession:
     """An OpenVINO model compiled for the CPU, with ONNX Runtime's ``run(None, feeds) -> [arrays]``.
 
     Precision is OpenVINO's CPU default: bfloat16 where the CPU has bfloat16 instructions, float32 otherwise
-    (:attr:`precision`, ``"bf16"`` or ``"f32"``).  Cores are not pinned (napari's GUI thread and batch workers
-    share them).  Each call takes an idle infer request from a small pool (one request must not run in two
-    threads at once); the requests belong to the session, not to a thread: a thread-local request died with
-    its thread inside Python's thread-state teardown, where OpenVINO's destructor crashed the process (a napari
-    worker thread).  A model read from a file is compiled through OpenVINO's own cache (``openvino/`` beside the ONNX files, keyed by the
-    model, the settings and OpenVINO's version), which cuts the compile time of the three networks from
-    about 0.4 s to 0.1 s.  Processes sharing the cache (batch and Dask workers starting together) compile one at
-    a time under a lock file: OpenVINO's cache is not safe across processes (one worker's compile failed with
-    "cannot set permissions: No such file or directory [...blob]" while another rewrote it), and a compile
-    that fails through the cache is done again without it."""
+    (:attr:`precision`, ``"bf16"`` or ``"f32"``).  Cores are not pinned (napari's GUI thread and batch workers share
+    them).  Each call takes an idle infer request from a small pool (one request must not run in two threads at
+    once); the requests belong to the session, not to a thread: a thread-local request died with its thread inside
+    Python's thread-state teardown, where OpenVINO's destructor crashed the process (a napari worker thread).  A
+    model read from a file is compiled through OpenVINO's own cache (``openvino/`` beside the ONNX files, keyed by
+    the model, the settings and OpenVINO's version), which cuts the compile time of the three networks from about
+    0.4 s to 0.1 s.  Processes sharing the cache (batch and Dask workers starting together) compile one at a time
+    under a lock file: OpenVINO's cache is not safe across processes (one worker's compile failed with "cannot set
+    permissions: No such file or directory [...blob]" while another rewrote it), and a compile that fails through
+    the cache is done again without it."""
 
     def __init__(self, model: bytes | Path, threads: int) -> None:
         import openvino as ov
@@ -215,8 +215,8 @@ class _OpenVinoSession:
                     with _file_lock(blobs / ".lock"):
                         compiled = core.compile_model(str(model), "CPU", {**settings, "CACHE_DIR": str(blobs)})
                 except Exception:  # noqa: BLE001 - a cache another process broke: compile without it below
-                    compiled = None
-            self._compiled = compiled or core.compile_model(str(model), "CPU", settings)
+                    pass
+            self._compiled = compiled if compiled is not None else core.compile_model(str(model), "CPU", settings)
         else:
             self._compiled = core.compile_model(core.read_model(model, b""), "CPU", settings)
         hint = str(self._compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
@@ -252,12 +252,9 @@ def _file_lock(path: Path):
     except OSError:
         yield
         return
-    with fh:
+    with fh:  # closing the file releases the lock
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        yield
 
 
 def _session(model: bytes | Path, threads: int, runtime: str = "onnxruntime"):
