@@ -64,6 +64,29 @@ def test_training_batches_carry_the_neighbours_in_order():
     np.testing.assert_array_equal(image[:, 2].max(axis=(1, 2)), np.minimum(centre + 1, last))
 
 
+
+def test_mirrored_batches_swap_the_neighbours_of_about_half_the_crops_and_keep_the_centre():
+    from napari_spinesegdiff.training.batches import SliceBatches
+    from napari_spinesegdiff.training.data import phantom_cases
+
+    case = phantom_cases(1, seed=5)[0]
+    case.image[:] = np.arange(len(case.image), dtype=np.float32)[:, None, None] + 1  # slice k holds k + 1
+    batches = SliceBatches([case], crop=(32, 32), batch_size=200, seed=2, augment=False, channels=3,
+                           context_mm=case.slice_mm, mirror=True)
+    peak = next(batches)["image"].numpy().max(axis=(2, 3))  # (200, 3): the slice number + 1 of each channel
+    centre, last = peak[:, 1], len(case.image)
+    before, after = np.maximum(centre - 1, 1), np.minimum(centre + 1, last)
+    swapped = (peak[:, 0] == after) & (peak[:, 2] == before)
+    kept = (peak[:, 0] == before) & (peak[:, 2] == after)
+    assert np.all(swapped | kept)
+    assert 0.35 < np.mean(swapped) < 0.65
+    plain = SliceBatches([case], crop=(32, 32), batch_size=50, seed=2, augment=False, channels=3,
+                         context_mm=case.slice_mm)
+    peak = next(plain)["image"].numpy().max(axis=(2, 3))
+    np.testing.assert_array_equal(peak[:, 0], np.maximum(peak[:, 1] - 1, 1))  # off: never swapped
+    with pytest.raises(ValueError, match="--context"):
+        build_model(TrainConfig(kind="baseline", mirror=True))
+
 @pytest.fixture(scope="module")
 def grown_baseline(tmp_path_factory):
     """A one-slice presegmenter (the shipped one's centre-slice weights), the same grown to three slices with

@@ -316,6 +316,9 @@ def _add_train(sub) -> None:
                         "0 = the slice alone)")
     p.add_argument("--context-mm", type=float, default=2.0,
                    help="how far away the neighbouring slices are (mm; the nearest slice, at least the adjacent)")
+    p.add_argument("--mirror", action="store_true",
+                   help="with --context: half the crops with the neighbours on either side swapped (the patient "
+                        "mirrored left to right)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
@@ -351,7 +354,8 @@ def cmd_train(args) -> int:
                       batch_size=args.batch_size, crop=tuple(args.crop), lr=args.lr, warmup=args.warmup,
                       phantom_share=args.phantom_share,
                       spacing_mm=tuple(args.spacing), soft_targets=args.soft_targets,
-                      context=args.context, context_mm=args.context_mm, val_every=args.val_every, seed=args.seed,
+                      context=args.context, context_mm=args.context_mm, mirror=args.mirror,
+                      val_every=args.val_every, seed=args.seed,
                       threads=args.threads, device=args.device, init=args.init, prior=args.prior,
                       prior_share=args.prior_share, stop_at=args.stop_at, data=list(args.data),
                       command="spinesegdiff " + " ".join(sys.argv[1:]))

@@ -14,7 +14,8 @@ from .data import NUM_CLASSES, TrainCase
 def build_augment(crop: tuple[int, int], seed: int, soft_targets: bool = False):
     """MONAI dictionary transforms: affine jitter (rotation, scale, shear), elastic-free; intensity,
     contrast (gamma), bias, noise and blur.  No flips: in a sagittal slice anterior/posterior and
-    superior/inferior are anatomical directions, and a left-right flip does not change a 2-D slice.
+    superior/inferior are anatomical directions, and a left-right flip does not change a 2-D slice (for a
+    2.5-D input it only reverses the neighbours: ``SliceBatches(mirror=True)``).
     Targets are warped by nearest neighbour, or bilinearly when they are partial-volume (``soft_targets``)."""
     from monai import transforms as mt
 
@@ -49,13 +50,14 @@ class SliceBatches:
 
     def __init__(self, cases: Sequence[TrainCase], crop=(160, 160), batch_size=8, seed=0,
                  case_weights: Sequence[float] | None = None, augment: bool = True, channels: int = 1,
-                 context_mm: float = 2.0):
+                 context_mm: float = 2.0, mirror: bool = False):
         if not cases:
             raise ValueError("No training cases: check the data paths and the split.")
         self.cases = list(cases)
         self.crop = tuple(int(c) for c in crop)
         self.batch_size = batch_size
         self.channels, self.context_mm = int(channels), float(context_mm)  # 2.5-D: a slice and its neighbours
+        self.mirror = bool(mirror)  # half the 2.5-D crops with the neighbours reversed (the patient mirrored)
         self.rng = np.random.default_rng(seed)
         w = np.ones(len(cases)) if case_weights is None else np.asarray(case_weights, float)
         self.case_p = w / w.sum()
@@ -65,6 +67,8 @@ class SliceBatches:
     def _crop(self, case: TrainCase):
         k = int(self.rng.choice(len(case.image), p=case.slice_weights))
         img = context_stack(case.image, [k], self.channels, case.slice_mm, self.context_mm)[0]  # (channels, H, W)
+        if self.mirror and self.channels > 1 and self.rng.random() < 0.5:
+            img = np.ascontiguousarray(img[::-1])  # left and right neighbours swapped; the slice stays centred
         tgt = case.target[k]
         known = case.known_mask(k)
         ch, cw = (int(round(c * 1.25)) for c in self.crop) if self.augment else self.crop

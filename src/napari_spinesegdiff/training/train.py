@@ -53,6 +53,7 @@ class TrainConfig:
     soft_targets: bool = False  # partial-volume targets on the model grid (training.data._finish)
     context: int = 0  # baseline only: neighbouring slices on each side as input channels (2.5-D)
     context_mm: float = 2.0  # how far away they lie (preprocess.context_stack)
+    mirror: bool = False  # 2.5-D only: half the crops with the neighbours reversed (a left-right mirror)
     val_every: int = 250
     seed: int = 0
     threads: int | None = None
@@ -79,6 +80,8 @@ def build_model(cfg: TrainConfig):
     net_cfg = dataclasses.replace(PRESETS[cfg.preset], num_classes=NUM_CLASSES)
     if cfg.context < 0 or (cfg.context and cfg.kind != "baseline"):
         raise ValueError("context (neighbouring slices as input channels) is for the baseline presegmenter only.")
+    if cfg.mirror and not cfg.context:
+        raise ValueError("mirror (the neighbours swapped) needs a 2.5-D presegmenter: give --context too.")
     if cfg.kind == "baseline":
         net_cfg = dataclasses.replace(net_cfg, in_channels=2 * cfg.context + 1)
         return BaselineNet(net_cfg), net_cfg
@@ -329,7 +332,7 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
 
     batches = SliceBatches(train_cases, cfg.crop, cfg.batch_size, seed=cfg.seed * 1000 + rank + start,
                            case_weights=balanced_weights(train_cases, cfg.phantom_share), channels=channels,
-                           context_mm=cfg.context_mm)
+                           context_mm=cfg.context_mm, mirror=cfg.mirror)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank + start)
     log_path = out_dir / "log.csv"
     new_log = not (resume and log_path.exists())
