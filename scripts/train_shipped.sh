@@ -23,7 +23,7 @@ DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
 BASE_FT3_ITER=${BASE_FT3_ITER:-5000}
 DIFF_FT3_ITER=${DIFF_FT3_ITER:-3000}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
-STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped), 4.4 (2.5-D presegmenter), 4.5 (a candidate: the presegmenter at 0.75 mm), 4.6 (v4.6: a second cycle of v4.4's presegmenter), 4.7 (a candidate: a third cycle), 4.8 (a candidate: v4.6's recipe with fewer phantom batches), 4.9 and 4.10 (the presegmenter widened to 'medium', two cycles), 4.11 (v4.11: their third cycle), 4.12 (a candidate: a fourth) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
+STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped), 4.4 (2.5-D presegmenter), 4.5 (a candidate: the presegmenter at 0.75 mm), 4.6 (v4.6: a second cycle of v4.4's presegmenter), 4.7 (a candidate: a third cycle), 4.8 (a candidate: v4.6's recipe with fewer phantom batches), 4.9 and 4.10 (the presegmenter widened to 'medium', two cycles), 4.11 (v4.11: their third cycle), 4.12 (a candidate: a fourth), 4.13d (a candidate: the diffusion model fine-tuned on v4.11's presegmentation), 4.13 (a candidate: a cycle with mirrored neighbours) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
                      # presegmenter; 4.2 = both networks fine-tuned on partial-volume targets)
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
         --preset small --batch-size 8 --crop 160 160 --val-every 500
@@ -195,11 +195,11 @@ if [ "$STAGE" = 4.8 ]; then
         --soft-targets --context 1 --context-mm 2.0 --phantom-share 0.1 --init "$V44_BASELINE" "${V4[@]}" \
         --threads "${THREADS:-2}" --out "$OUT" >> "$OUT.log" 2>&1
 fi
-# medium_cycle INIT ITERATIONS LR SEED OUT: one cosine cycle of the 2.5-D presegmenter at the "medium" preset
-# (widened from INIT when INIT is narrower), on partial-volume targets, into OUT (log: OUT.log)
+# medium_cycle INIT ITERATIONS LR SEED OUT [OPTIONS...]: one cosine cycle of the 2.5-D presegmenter at the
+# "medium" preset (widened from INIT when INIT is narrower), on partial-volume targets, into OUT (log: OUT.log)
 medium_cycle() {
     .venv/bin/spinesegdiff train --kind baseline --iterations "$2" --lr "$3" --seed "$4" --val-every 500 \
-        --soft-targets --context 1 --context-mm 2.0 --init "$1" "${V4[@]}" --preset medium \
+        --soft-targets --context 1 --context-mm 2.0 --init "$1" "${V4[@]}" --preset medium "${@:6}" \
         --threads "${THREADS:-2}" --out "$5" >> "$5.log" 2>&1
 }
 if [ "$STAGE" = 4.9 ]; then
@@ -238,4 +238,17 @@ if [ "$STAGE" = 4.12 ]; then
     V411_BASELINE=${V411_BASELINE:-runs/v411_shipped/baseline.safetensors}  # v4.11's, as shipped in b7c4362
     shipped_weights "$V411_BASELINE" b7c4362 baseline
     medium_cycle "$V411_BASELINE" 2000 2e-4 "${SEED:-19}" "${OUT:-runs/v412_medium}"
+fi
+if [ "$STAGE" = 4.13d ]; then
+    # v4.13d candidate: v4.2's diffusion model (as shipped) fine-tuned with v4.11's presegmenter as its prior,
+    # 600 iterations at 2e-4, seed 20 (12 min, 2 threads; proxy 0.9147 at iteration 200).  Run on 2026-12-05:
+    # validation default 0.9207 against v4.11's 0.9207 (middle slice 0.9358 against 0.9360, lumbar bodies 0.9150
+    # against 0.9151, lumbar band AUROC 0.852 against 0.853): level, not shipped
+    V411_BASELINE=${V411_BASELINE:-runs/v411_shipped/baseline.safetensors}  # v4.11's, as shipped in b7c4362
+    V42_DIFFUSION=${V42_DIFFUSION:-runs/v411_shipped/diffusion.safetensors}  # v4.2's, as shipped in b7c4362
+    shipped_weights "$V411_BASELINE" b7c4362 baseline
+    shipped_weights "$V42_DIFFUSION" b7c4362 diffusion
+    .venv/bin/spinesegdiff train --kind diffusion --iterations 600 --lr 2e-4 --seed "${SEED:-20}" --val-every 200 \
+        --soft-targets --init "$V42_DIFFUSION" --prior "$V411_BASELINE" --prior-share 0.8 "${V4[@]}" \
+        --threads "${THREADS:-2}" --out "${OUT:-runs/v413_diffusion}" >> "${OUT:-runs/v413_diffusion}.log" 2>&1
 fi
