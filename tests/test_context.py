@@ -64,7 +64,6 @@ def test_training_batches_carry_the_neighbours_in_order():
     np.testing.assert_array_equal(image[:, 2].max(axis=(1, 2)), np.minimum(centre + 1, last))
 
 
-
 def test_mirrored_batches_swap_the_neighbours_of_about_half_the_crops_and_keep_the_centre():
     from napari_spinesegdiff.training.batches import SliceBatches
     from napari_spinesegdiff.training.data import phantom_cases
@@ -86,6 +85,7 @@ def test_mirrored_batches_swap_the_neighbours_of_about_half_the_crops_and_keep_t
     np.testing.assert_array_equal(peak[:, 0], np.maximum(peak[:, 1] - 1, 1))  # off: never swapped
     with pytest.raises(ValueError, match="--context"):
         build_model(TrainConfig(kind="baseline", mirror=True))
+
 
 @pytest.fixture(scope="module")
 def grown_baseline(tmp_path_factory):
