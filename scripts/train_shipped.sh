@@ -72,6 +72,14 @@ fi
 V4=(--data "lumbar:$DATA/lumbar" --data "slabs:$DATA/spider_t2space" --data phantom:40:1
     --splits src/napari_spinesegdiff/weights/splits_v4.json --fold 0 --preset small --batch-size 8
     --crop 160 160 --no-progress)
+# diffusion_finetune INIT PRIOR ITERATIONS LR SEED VAL_EVERY THREADS OUT: the diffusion model fine-tuned from INIT
+# on partial-volume targets, 80 % of its low-t samples starting from PRIOR's presegmentation noised to t, into OUT
+# (log: OUT.log)
+diffusion_finetune() {
+    .venv/bin/spinesegdiff train --kind diffusion --iterations "$3" --lr "$4" --seed "$5" --val-every "$6" \
+        --soft-targets --init "$1" --prior "$2" --prior-share 0.8 "${V4[@]}" --threads "$7" --out "$8" \
+        >> "$8.log" 2>&1
+}
 if [ "$STAGE" = 4 ] || [ "$STAGE" = all ]; then
     V3=${V3:-runs/v3}  # the v3 files (as shipped before v4: git show e0a7f45:src/napari_spinesegdiff/weights/...)
     for f in baseline diffusion; do
@@ -116,9 +124,7 @@ if [ "$STAGE" = 4.2 ] || [ "$STAGE" = all ]; then
     .venv/bin/spinesegdiff train --kind baseline --iterations 1500 --lr 2.5e-4 --seed 7 --val-every 500 \
         --soft-targets --init "$V41_BASELINE" "${V4[@]}" --threads 2 --out runs/v42_baseline \
         >> runs/v42_baseline.log 2>&1
-    .venv/bin/spinesegdiff train --kind diffusion --iterations 1000 --lr 2.5e-4 --seed 8 --val-every 250 \
-        --soft-targets --init "$V4_DIFFUSION" --prior runs/v42_baseline/best.safetensors --prior-share 0.8 \
-        "${V4[@]}" --threads 2 --out runs/v42_diffusion >> runs/v42_diffusion.log 2>&1
+    diffusion_finetune "$V4_DIFFUSION" runs/v42_baseline/best.safetensors 1000 2.5e-4 8 250 2 runs/v42_diffusion
     cp runs/v42_baseline/best.safetensors src/napari_spinesegdiff/weights/baseline.safetensors
     cp runs/v42_diffusion/best.safetensors src/napari_spinesegdiff/weights/diffusion.safetensors
 fi
@@ -148,9 +154,7 @@ if [ "$STAGE" = 4.4 ]; then
     .venv/bin/spinesegdiff train --kind baseline --iterations 2000 --lr 3e-4 --seed 10 --val-every 400 \
         --soft-targets --context 1 --context-mm 2.0 --init "$V42_BASELINE" "${V4[@]}" --threads 2 \
         --out runs/v44_baseline >> runs/v44_baseline.log 2>&1
-    .venv/bin/spinesegdiff train --kind diffusion --iterations 800 --lr 2e-4 --seed 11 --val-every 200 \
-        --soft-targets --init "$V42_DIFFUSION" --prior runs/v44_baseline/best.safetensors --prior-share 0.8 \
-        "${V4[@]}" --threads 1 --out runs/v44_diffusion >> runs/v44_diffusion.log 2>&1
+    diffusion_finetune "$V42_DIFFUSION" runs/v44_baseline/best.safetensors 800 2e-4 11 200 1 runs/v44_diffusion
 fi
 if [ "$STAGE" = 4.5 ]; then
     # v4.5 candidate: the v4.4 presegmenter moved to a 0.75 mm grid (the pipeline runs a presegmenter at its own
@@ -248,9 +252,8 @@ if [ "$STAGE" = 4.13d ]; then
     V42_DIFFUSION=${V42_DIFFUSION:-runs/v411_shipped/diffusion.safetensors}  # v4.2's, as shipped in b7c4362
     shipped_weights "$V411_BASELINE" b7c4362 baseline
     shipped_weights "$V42_DIFFUSION" b7c4362 diffusion
-    .venv/bin/spinesegdiff train --kind diffusion --iterations 600 --lr 2e-4 --seed "${SEED:-20}" --val-every 200 \
-        --soft-targets --init "$V42_DIFFUSION" --prior "$V411_BASELINE" --prior-share 0.8 "${V4[@]}" \
-        --threads "${THREADS:-2}" --out "${OUT:-runs/v413_diffusion}" >> "${OUT:-runs/v413_diffusion}.log" 2>&1
+    diffusion_finetune "$V42_DIFFUSION" "$V411_BASELINE" 600 2e-4 "${SEED:-20}" 200 "${THREADS:-2}" \
+        "${OUT:-runs/v413_diffusion}"
 fi
 if [ "$STAGE" = 4.13 ]; then
     # v4.13 candidate: a cosine cycle of v4.11's presegmenter (as shipped) with mirrored neighbours in half the
