@@ -62,6 +62,36 @@ def test_tiny_training_reduces_loss_and_writes_a_loadable_checkpoint(tmp_path, c
     assert trained < 0.9 * fresh_loss
 
 
+def test_same_seed_draws_the_same_augmented_batches(cases):
+    """The MONAI augmentation is seeded once: asking how long a ``Compose`` is builds a new one, which
+    re-seeds the shared transforms from OS entropy, so the crop size must not test its truth value."""
+    from napari_spinesegdiff.training.batches import SliceBatches
+
+    def draw(seed):
+        batches = SliceBatches(cases, (64, 64), 3, seed=seed)
+        return [next(batches) for _ in range(4)]
+
+    a, b, other = draw(7), draw(7), draw(8)
+    for x, y in zip(a, b):
+        for k in x:
+            assert torch.equal(x[k], y[k]), f"same seed, different {k}"
+    assert any(not torch.equal(x["image"], z["image"]) for x, z in zip(a, other))
+
+
+def test_same_train_command_gives_the_same_weights(tmp_path, cases):
+    from safetensors.torch import load_file
+
+    from napari_spinesegdiff.training.train import TrainConfig, train
+
+    cfg = TrainConfig(kind="baseline", preset="tiny", iterations=6, batch_size=2, crop=(64, 64), lr=3e-3,
+                      warmup=2, val_every=6, seed=4, threads=1)
+    runs = [load_file(str(train(cfg, cases[:2], cases[2:], tmp_path / f"run{i}", progress=False,
+                                log=lambda s: None))) for i in range(2)]
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), f"{k} differs between two runs of one command"
+
+
 def test_unknown_channels_get_zero_gradient():
     logits = torch.zeros(2, 3, 8, 8, requires_grad=True)
     target = torch.ones(2, 3, 8, 8)

@@ -71,7 +71,9 @@ class SliceBatches:
             img = np.ascontiguousarray(img[::-1])  # left and right neighbours swapped; the slice stays centred
         tgt = case.target[k]
         known = case.known_mask(k)
-        ch, cw = (int(round(c * 1.25)) for c in self.crop) if self.augment else self.crop
+        # not ``if self.augment``: len() of a MONAI Compose builds a flattened copy, whose constructor
+        # re-seeds the shared transforms from OS entropy (seeded runs would differ)
+        ch, cw = (int(round(c * 1.25)) for c in self.crop) if self.augment is not None else self.crop
         H, W = img.shape[-2:]
         fg = np.argwhere(tgt[case.known].any(axis=0)) if case.known.any() else np.zeros((0, 2))
         if len(fg) and self.rng.random() < 0.7:
