@@ -260,7 +260,8 @@ if [ "$STAGE" = 4.13 ]; then
     # crops (--mirror), 2,000 iterations at 2e-4, seed 21 (27 min, 2 threads; proxy 0.919).  Run on 2026-12-05:
     # validation default 0.9216 against v4.11's 0.9207 (+0.0009, 7 of 13 structures up; middle slice 0.9353
     # against 0.9360, lumbar bodies 0.9162 against 0.9151, band AUROC 0.868 / 0.855 against 0.869 / 0.853):
-    # below the 0.003 bar, not shipped
+    # below the 0.003 bar, not shipped.  Run again on 2026-12-06 with the augmentation seeded (1,960 s, 2 threads,
+    # nothing else running; proxy 0.9188): validation 0.9217 (docs/evaluation/v4.13_seeded_validation)
     V411_BASELINE=${V411_BASELINE:-runs/v411_shipped/baseline.safetensors}  # v4.11's, as shipped in b7c4362
     shipped_weights "$V411_BASELINE" b7c4362 baseline
     medium_cycle "$V411_BASELINE" 2000 2e-4 "${SEED:-21}" "${OUT:-runs/v413_medium}" --mirror
