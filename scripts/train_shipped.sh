@@ -269,7 +269,9 @@ fi
 if [ "$STAGE" = 4.14 ]; then
     # v4.14 candidate: a second mirrored cosine cycle, from STAGE=4.13's (run STAGE=4.13 first on a fresh clone;
     # its rerun on 2026-12-05, 1,596 s, gave proxy 0.9183 against the first run's 0.9188: before the augmentation
-    # was seeded (2026-12-06) the same command was not bit-reproducible), 2,000 iterations at 2e-4, seed 22
+    # was seeded (2026-12-06) the same command was not bit-reproducible), 2,000 iterations at 2e-4, seed 22.
+    # Run on 2026-12-06 from the seeded STAGE=4.13 run (1,872 s, 2 threads; best proxy 0.9190 at 1,500):
+    # validation 0.9210 against its start's 0.9217 (docs/evaluation/v4.14_validation): not shipped
     V413_BASELINE=${V413_BASELINE:-runs/v413_medium/best.safetensors}
     medium_cycle "$V413_BASELINE" 2000 2e-4 "${SEED:-22}" "${OUT:-runs/v414_medium}" --mirror
 fi
