@@ -23,7 +23,7 @@ DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
 BASE_FT3_ITER=${BASE_FT3_ITER:-5000}
 DIFF_FT3_ITER=${DIFF_FT3_ITER:-3000}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
-STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped), 4.4 (2.5-D presegmenter), 4.5 (a candidate: the presegmenter at 0.75 mm), 4.6 (v4.6: a second cycle of v4.4's presegmenter), 4.7 (a candidate: a third cycle), 4.8 (a candidate: v4.6's recipe with fewer phantom batches), 4.9 and 4.10 (the presegmenter widened to 'medium', two cycles), 4.11 (v4.11: their third cycle), 4.12 (a candidate: a fourth), 4.13d (a candidate: the diffusion model fine-tuned on v4.11's presegmentation), 4.13 (a candidate: a cycle with mirrored neighbours), 4.14 (a candidate: a second mirrored cycle, from 4.13's) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
+STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped), 4.4 (2.5-D presegmenter), 4.5 (a candidate: the presegmenter at 0.75 mm), 4.6 (v4.6: a second cycle of v4.4's presegmenter), 4.7 (a candidate: a third cycle), 4.8 (a candidate: v4.6's recipe with fewer phantom batches), 4.9 and 4.10 (the presegmenter widened to 'medium', two cycles), 4.11 (v4.11: their third cycle), 4.12 (a candidate: a fourth), 4.13d (a candidate: the diffusion model fine-tuned on v4.11's presegmentation), 4.13 (a candidate: a cycle with mirrored neighbours), 4.14 (a candidate: a second mirrored cycle, from 4.13's), 4.15 (a candidate: 4.13's cycle with more lumbar batches) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
                      # presegmenter; 4.2 = both networks fine-tuned on partial-volume targets)
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
         --preset small --batch-size 8 --crop 160 160 --val-every 500
@@ -274,4 +274,13 @@ if [ "$STAGE" = 4.14 ]; then
     # validation 0.9210 against its start's 0.9217 (docs/evaluation/v4.14_validation): not shipped
     V413_BASELINE=${V413_BASELINE:-runs/v413_medium/best.safetensors}
     medium_cycle "$V413_BASELINE" 2000 2e-4 "${SEED:-22}" "${OUT:-runs/v414_medium}" --mirror
+fi
+if [ "$STAGE" = 4.15 ]; then
+    # v4.15 candidate: STAGE=4.13's mirrored cycle from v4.11's presegmenter (as shipped), same seed, with the
+    # lumbar source given 0.6 of the real batches instead of 0.5 (--source-share lumbar=0.6: lumbar 0.42 of
+    # all batches, SPIDER 0.28, phantoms 0.3), aimed at lumbar vertebral bodies, the largest gap to the targets
+    V411_BASELINE=${V411_BASELINE:-runs/v411_shipped/baseline.safetensors}  # v4.11's, as shipped in b7c4362
+    shipped_weights "$V411_BASELINE" b7c4362 baseline
+    medium_cycle "$V411_BASELINE" 2000 2e-4 "${SEED:-21}" "${OUT:-runs/v415_lumbar60}" --mirror \
+        --source-share lumbar=0.6
 fi

@@ -304,6 +304,29 @@ def test_sampling_is_balanced_per_source_then_group():
     assert abs(w[src == "spider"].sum() - 0.4) < 1e-9 and abs(w[src == "lumbar"].sum() - 0.4) < 1e-9
     assert abs(w[[c.group == "IVD" for c in cases]].sum() - 0.2) < 1e-9  # half of lumbar's share
 
+    # --source-share: lumbar 0.6 of the real batches, SPIDER the rest; groups still split lumbar's share
+    w = np.array(balanced_weights(cases, phantom_share=0.2, source_shares={"lumbar": 0.6}))
+    assert w[src == "lumbar"].sum() == pytest.approx(0.48) and w[src == "spider"].sum() == pytest.approx(0.32)
+    assert w[[c.group == "IVD" for c in cases]].sum() == pytest.approx(0.24)
+    assert w[src == "phantom"].sum() == pytest.approx(0.2) and w.sum() == pytest.approx(1.0)
+    for bad, msg in [({"spine": 0.5}, "only the sources lumbar, spider"), ({"lumbar": 1.2}, "strictly between"),
+                     ({"lumbar": 0.6, "spider": 0.6}, "add up to 1")]:
+        with pytest.raises(ValueError, match=msg):
+            balanced_weights(cases, phantom_share=0.2, source_shares=bad)
+
+
+def test_train_cli_refuses_a_bad_source_share_in_one_sentence(tmp_path, capsys):
+    from napari_spinesegdiff.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--kind", "baseline", "--data", "phantom:2:1", "--out", str(out),
+                 "--source-share", "lumbar"])
+    assert code != 0 and "SOURCE=SHARE" in capsys.readouterr().err
+    code = main(["train", "--kind", "baseline", "--data", "phantom:2:1", "--out", str(out),
+                 "--source-share", "lumbar=0.6"])  # the phantoms are no real source
+    assert code != 0 and "training data has only the sources" in capsys.readouterr().err
+    assert not (out / "log.csv").exists()  # refused before any training
+
 
 def test_stop_at_keeps_the_schedule_and_resumes(tmp_path, cases):
     """--stop-at checkpoints mid-schedule (learning rate of the longer run) and --resume finishes it."""

@@ -306,6 +306,9 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--phantom-share", type=float, default=0.3, help="share of batches drawn from phantoms")
+    p.add_argument("--source-share", action="append", default=[], metavar="SOURCE=SHARE",
+                   help="a real source's share of the real batches, e.g. lumbar=0.6 (repeatable; the sources "
+                        "not named split the rest equally; default: all sources equal)")
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--spacing", type=float, nargs=2, default=(1.0, 1.0), help="model in-plane spacing (mm)")
     p.add_argument("--soft-targets", action="store_true",
@@ -334,10 +337,31 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _parse_shares(specs: list[str]) -> tuple[tuple[str, float], ...]:
+    """``["lumbar=0.6"]`` -> ``(("lumbar", 0.6),)``; one clear sentence for a malformed item."""
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            share = float(value)
+        except ValueError:
+            share = None
+        if not sep or not name.strip() or share is None:
+            raise ValueError(f"--source-share expects SOURCE=SHARE (for example lumbar=0.6), got {spec!r}")
+        if name.strip() in out:
+            raise ValueError(f"--source-share names {name.strip()} twice")
+        out[name.strip()] = share
+    return tuple(out.items())
+
+
 def cmd_train(args) -> int:
-    from .training.recipe import gather, split_cases
+    from .training.recipe import balanced_weights, gather, split_cases
     from .training.train import TrainConfig, train
 
+    try:
+        source_shares = _parse_shares(args.source_share)
+    except ValueError as exc:
+        return _fail(str(exc))
     t0 = time.perf_counter()
     try:
         cases = gather(args.data, tuple(args.spacing), soft=args.soft_targets)
@@ -348,11 +372,15 @@ def cmd_train(args) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes the splits file
     train_cases, val_cases, split = split_cases(cases, args.splits, args.folds, args.fold, args.seed,
                                                 write=rank0)
+    try:
+        balanced_weights(train_cases, args.phantom_share, dict(source_shares))
+    except ValueError as exc:
+        return _fail(str(exc))
     print(f"{len(train_cases)} training cases, {len(val_cases)} validation cases, "
           f"{len(split['test'])} test patients held out; data ready in {time.perf_counter() - t0:.0f} s")
     cfg = TrainConfig(kind=args.kind, preset=args.preset, iterations=args.iterations,
                       batch_size=args.batch_size, crop=tuple(args.crop), lr=args.lr, warmup=args.warmup,
-                      phantom_share=args.phantom_share,
+                      phantom_share=args.phantom_share, source_shares=source_shares,
                       spacing_mm=tuple(args.spacing), soft_targets=args.soft_targets,
                       context=args.context, context_mm=args.context_mm, mirror=args.mirror,
                       val_every=args.val_every, seed=args.seed,

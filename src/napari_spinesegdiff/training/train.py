@@ -49,6 +49,7 @@ class TrainConfig:
     warmup: int = 100
     t_focus: int = 400
     phantom_share: float = 0.3
+    source_shares: tuple[tuple[str, float], ...] = ()  # (source, share of the real batches); others equal
     spacing_mm: tuple[float, float] = (1.0, 1.0)
     soft_targets: bool = False  # partial-volume targets on the model grid (training.data._finish)
     context: int = 0  # baseline only: neighbouring slices on each side as input channels (2.5-D)
@@ -331,7 +332,7 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
     from .recipe import balanced_weights
 
     batches = SliceBatches(train_cases, cfg.crop, cfg.batch_size, seed=cfg.seed * 1000 + rank + start,
-                           case_weights=balanced_weights(train_cases, cfg.phantom_share), channels=channels,
+                           case_weights=balanced_weights(train_cases, cfg.phantom_share, dict(cfg.source_shares)), channels=channels,
                            context_mm=cfg.context_mm, mirror=cfg.mirror)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank + start)
     log_path = out_dir / "log.csv"
