@@ -279,6 +279,8 @@ if [ "$STAGE" = 4.15 ]; then
     # v4.15 candidate: STAGE=4.13's mirrored cycle from v4.11's presegmenter (as shipped), same seed, with the
     # lumbar source given 0.6 of the real batches instead of 0.5 (--source-share lumbar=0.6: lumbar 0.42 of
     # all batches, SPIDER 0.28, phantoms 0.3), aimed at lumbar vertebral bodies, the largest gap to the targets
+    # Result (2026-12-06, 32 min, 2 threads): validation 0.9218 against 4.13 seeded's 0.9217 and v4.11's 0.9207,
+    # lumbar bodies 0.9168 against 0.9179: not shipped (docs/evaluation/v4.15_validation)
     V411_BASELINE=${V411_BASELINE:-runs/v411_shipped/baseline.safetensors}  # v4.11's, as shipped in b7c4362
     shipped_weights "$V411_BASELINE" b7c4362 baseline
     medium_cycle "$V411_BASELINE" 2000 2e-4 "${SEED:-21}" "${OUT:-runs/v415_lumbar60}" --mirror \
