@@ -51,6 +51,25 @@ def error_distances(case, labels: np.ndarray, spacing) -> np.ndarray:
     return counts / max(1.0, counts.sum())
 
 
+def default_runs(case, config: SegmentationConfig):
+    """The presegmentation alone and the diffusion alone (as ``spinesegdiff evaluate`` runs them), and the
+    default blend made from them: ``(diffusion run, blended probabilities, written labels in the case's
+    scheme, presegmentation and diffusion probabilities smoothed across slices)``.  The blended
+    probabilities are smoothed in place by :func:`finalize_labels`."""
+    raw = config.replace(baseline_weight=0.0, smooth_mm=0.0, vertebrae="whole", uncertainty="steps")
+    pre_run = run(case.image, raw.replace(t_start=0), stream_every=0)
+    dif_run = run(case.image, raw, stream_every=0)
+    names, spacing = dif_run.class_names, case.image.orientation.canonical_spacing
+    rng = range(dif_run.slices[0], dif_run.slices[-1] + 1)
+    probs = np.array(0.5 * dif_run.canonical_probabilities + 0.5 * pre_run.canonical_probabilities, np.float32)
+    labels = finalize_labels(probs, spacing, config.replace(vertebrae="split"), rng, names)  # smooths probs
+    if case.vertebrae != "split":
+        labels = merge_vertebrae(labels)
+    pre, dif = (smooth_across_slices(np.array(r.canonical_probabilities, np.float32), spacing[0],
+                                     config.smooth_mm, rng) for r in (pre_run, dif_run))
+    return dif_run, probs, labels, pre, dif
+
+
 def candidate_maps(case, probs, pre, dif, steps_map, rng, spacing, names):
     base, _ = label_uncertainty(probs, names, case.vertebrae, rng)
     roles = ChannelRoles.of(names)
@@ -85,21 +104,13 @@ def main() -> None:
     patients = split_patients(ROOT / "src/napari_spinesegdiff/weights/splits_v4.json", 0, "val")
     cases = load_eval_cases([f"slabs:{args.data}/spider_t2space", f"lumbar:{args.data}/lumbar"], patients)
     config = SegmentationConfig(baseline_checkpoint=args.baseline_checkpoint)
-    raw = config.replace(baseline_weight=0.0, smooth_mm=0.0, vertebrae="whole", uncertainty="steps")
     scores: dict[str, dict[str, list[float]]] = {}
     print("share of wrong voxels by in-plane distance from the predicted boundary (mm): "
           + " ".join(f"<{b:g}" for b in BINS_MM[1:-1]) + f" >{BINS_MM[-2]:g}")
     for case in cases:
-        pre_run = run(case.image, raw.replace(t_start=0), stream_every=0)
-        dif_run = run(case.image, raw, stream_every=0)
+        dif_run, probs, labels, pre, dif = default_runs(case, config)
         names, spacing = dif_run.class_names, case.image.orientation.canonical_spacing
         rng = range(dif_run.slices[0], dif_run.slices[-1] + 1)
-        probs = np.array(0.5 * dif_run.canonical_probabilities + 0.5 * pre_run.canonical_probabilities, np.float32)
-        labels = finalize_labels(probs, spacing, config.replace(vertebrae="split"), rng, names)  # smooths probs
-        if case.vertebrae != "split":
-            labels = merge_vertebrae(labels)
-        pre, dif = (smooth_across_slices(np.array(r.canonical_probabilities, np.float32), spacing[0],
-                                         config.smooth_mm, rng) for r in (pre_run, dif_run))
         shares = error_distances(case, labels, spacing)
         print(f"  {case.name:20s} ({spacing[1]:.2f} mm pixels) " + " ".join(f"{v:.2f}" for v in shares))
         steps_map = dif_run.canonical_class_uncertainty.max(axis=0)

@@ -29,11 +29,11 @@ import torch
 from scipy import ndimage
 
 from napari_spinesegdiff.config import SegmentationConfig
-from napari_spinesegdiff.evaluation.evaluate import load_eval_cases, split_patients
-from napari_spinesegdiff.evaluation.metrics import auroc, band_mask
-from napari_spinesegdiff.labelscheme import ChannelRoles, merge_vertebrae, structure_probabilities
-from napari_spinesegdiff.pipeline import LABEL_UNCERTAINTY_SCALE, finalize_labels, label_uncertainty, run, \
-    smooth_across_slices
+from napari_spinesegdiff.evaluation.evaluate import case_errors, load_eval_cases, split_patients
+from napari_spinesegdiff.evaluation.metrics import auroc
+from napari_spinesegdiff.labelscheme import ChannelRoles, structure_probabilities
+from napari_spinesegdiff.pipeline import LABEL_UNCERTAINTY_SCALE, label_uncertainty
+from study_uncertainty import default_runs  # scripts/ is on the path when this runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_DIST = 6.0
@@ -65,31 +65,15 @@ def boundary_features(labels: np.ndarray, image: np.ndarray) -> dict[str, np.nda
 
 def gather(case, config) -> dict[str, np.ndarray]:
     """The band voxels' signals and whether each is wrong, for one case."""
-    raw = config.replace(baseline_weight=0.0, smooth_mm=0.0, vertebrae="whole", uncertainty="steps")
-    pre_run = run(case.image, raw.replace(t_start=0), stream_every=0)
-    dif_run = run(case.image, raw, stream_every=0)
-    names, spacing = dif_run.class_names, case.image.orientation.canonical_spacing
-    rng = range(dif_run.slices[0], dif_run.slices[-1] + 1)
-    probs = np.array(0.5 * dif_run.canonical_probabilities + 0.5 * pre_run.canonical_probabilities, np.float32)
-    labels = finalize_labels(probs, spacing, config.replace(vertebrae="split"), rng, names)  # smooths probs
-    if case.vertebrae != "split":
-        labels = merge_vertebrae(labels)
-    base, _ = label_uncertainty(probs, names, case.vertebrae, rng)
+    dif_run, probs, labels, pre, dif = default_runs(case, config)
+    names = dif_run.class_names
+    base, _ = label_uncertainty(probs, names, case.vertebrae, range(dif_run.slices[0], dif_run.slices[-1] + 1))
     roles = ChannelRoles.of(names)
-    pre, dif = (smooth_across_slices(np.array(r.canonical_probabilities, np.float32), spacing[0],
-                                     config.smooth_mm, rng) for r in (pre_run, dif_run))
     disagree = np.abs(structure_probabilities(pre, roles) - structure_probabilities(dif, roles)).max(0)
     feats = boundary_features(labels, case.image.canonical())
     feats.update(labels_map=base / LABEL_UNCERTAINTY_SCALE, disagree=disagree,
                  steps=dif_run.canonical_class_uncertainty.max(axis=0) / LABEL_UNCERTAINTY_SCALE)
-    region = case.in_range if case.in_range is not None else np.ones(case.truth.shape, bool)
-    errors = np.zeros(case.truth.shape, bool)
-    fg = np.zeros(case.truth.shape, bool)
-    for c in case.classes:
-        p, t = labels == c, case.truth == c
-        errors |= (p != t) & region
-        fg |= p | t
-    sel = band_mask(fg, fg) & region
+    errors, sel = case_errors(case, labels)
     out = {k: v[sel].astype(np.float32) for k, v in feats.items()}
     out["wrong"] = errors[sel]
     return out

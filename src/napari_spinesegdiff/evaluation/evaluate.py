@@ -133,6 +133,20 @@ def load_eval_cases(sources: Iterable[str], test_patients: set[str] | None = Non
     return out
 
 
+def case_errors(case: EvalCase, labels: np.ndarray, band: int = BAND_VOXELS) -> tuple[np.ndarray, np.ndarray]:
+    """``(errors, in_band)`` of written ``labels`` against the case's truth: the voxels a labelled class gets
+    wrong, and those within ``band`` voxels (in-plane) of the truth or the prediction of any labelled class;
+    both within the labelled levels (``case.in_range``)."""
+    region = case.in_range if case.in_range is not None else np.ones(case.truth.shape, bool)
+    errors = np.zeros(case.truth.shape, bool)
+    fg = np.zeros(case.truth.shape, bool)
+    for c in case.classes:
+        p, t = labels == c, case.truth == c
+        errors |= (p != t) & region
+        fg |= p | t
+    return errors, band_mask(fg, fg, band) & region
+
+
 def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
                class_uncertainty: np.ndarray | None = None, class_names: Sequence[str] | None = None,
                band: int = BAND_VOXELS, label_maps: dict[int, np.ndarray] | None = None) -> list[dict]:
@@ -157,12 +171,9 @@ def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
     own_maps = []
     region = case.in_range if case.in_range is not None else np.ones(case.truth.shape, bool)
     mid = case.truth.shape[0] // 2
-    errors = np.zeros(case.truth.shape, bool)
-    fg = np.zeros(case.truth.shape, bool)
+    errors, in_band = case_errors(case, labels, band)
     for c in case.classes:
         p, t = labels == c, case.truth == c
-        errors |= (p != t) & region
-        fg |= p | t
         row = {
             "case": case.name, "group": case.group, "class": case.class_name(c),
             "dice": round(dice(p, t, region), 4), "dice_whole": round(dice(p, t), 4),
@@ -186,7 +197,6 @@ def score_case(case: EvalCase, labels: np.ndarray, uncertainty: np.ndarray,
     slices = case.truth.any(axis=(1, 2))
     sel = region & slices[:, None, None]
     au = auroc(uncertainty[sel], errors[sel])
-    in_band = band_mask(fg, fg, band) & region
     au_band = auroc(uncertainty[in_band], errors[in_band])
     labelled = np.max(own_maps, axis=0) if own_maps else None
     au_labelled = auroc(labelled[in_band], errors[in_band]) if labelled is not None else float("nan")
