@@ -322,6 +322,9 @@ def _add_train(sub) -> None:
     p.add_argument("--mirror", action="store_true",
                    help="with --context: half the crops with the neighbours on either side swapped (the patient "
                         "mirrored left to right)")
+    p.add_argument("--randomize-contrast", type=float, default=0.0, metavar="P",
+                   help="the share of training crops given a random contrast (inversion, random curves, "
+                        "per-structure intensities, bias, blur, thick slices, noise); both kinds; default 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
@@ -362,6 +365,8 @@ def cmd_train(args) -> int:
         source_shares = _parse_shares(args.source_share)
     except ValueError as exc:
         return _fail(str(exc))
+    if not 0.0 <= args.randomize_contrast <= 1.0:
+        return _fail(f"--randomize-contrast is a share of the crops, between 0 and 1; got {args.randomize_contrast}")
     t0 = time.perf_counter()
     try:
         cases = gather(args.data, tuple(args.spacing), soft=args.soft_targets)
@@ -383,6 +388,7 @@ def cmd_train(args) -> int:
                       phantom_share=args.phantom_share, source_shares=source_shares,
                       spacing_mm=tuple(args.spacing), soft_targets=args.soft_targets,
                       context=args.context, context_mm=args.context_mm, mirror=args.mirror,
+                      randomize_contrast=args.randomize_contrast,
                       val_every=args.val_every, seed=args.seed,
                       threads=args.threads, device=args.device, init=args.init, prior=args.prior,
                       prior_share=args.prior_share, stop_at=args.stop_at, data=list(args.data),

@@ -9,6 +9,7 @@ import torch
 
 from ..preprocess import context_stack
 from .data import NUM_CLASSES, TrainCase
+from .randomize import ContrastRandomizer
 
 
 def build_augment(crop: tuple[int, int], seed: int, soft_targets: bool = False):
@@ -43,6 +44,8 @@ class SliceBatches:
     """Draws crops from cases: a case (weighted), a slice (labelled slices preferred), a crop centre (on
     labelled structure 70 % of the time), then augmentation.
 
+    ``randomize``: the share of crops given a random contrast (:class:`~.randomize.ContrastRandomizer`).
+
     Each batch is ``image (B,channels,H,W)`` float32 (a 2.5-D input: the slice in the centre channel, its
     neighbours around it, :func:`~..preprocess.context_stack`), ``target (B,C,H,W)`` float32 and ``known (B,C,H,W)``
     float32 (1 where the loss may look).
@@ -50,7 +53,7 @@ class SliceBatches:
 
     def __init__(self, cases: Sequence[TrainCase], crop=(160, 160), batch_size=8, seed=0,
                  case_weights: Sequence[float] | None = None, augment: bool = True, channels: int = 1,
-                 context_mm: float = 2.0, mirror: bool = False):
+                 context_mm: float = 2.0, mirror: bool = False, randomize: float = 0.0):
         if not cases:
             raise ValueError("No training cases: check the data paths and the split.")
         self.cases = list(cases)
@@ -63,10 +66,17 @@ class SliceBatches:
         self.case_p = w / w.sum()
         soft = any(np.asarray(c.target).dtype.kind == "f" for c in self.cases)
         self.augment = build_augment(self.crop, seed, soft) if augment else None
+        # new contrasts in a share ``randomize`` of the crops (training.randomize), from a stream of their own:
+        # the cases, slices, crops and MONAI augmentation stay those of the same seed without it
+        self.randomizer = ContrastRandomizer(randomize) if randomize > 0 else None
+        self.contrast_rng = np.random.default_rng((int(seed), 35)) if randomize > 0 else None
 
     def _crop(self, case: TrainCase):
         k = int(self.rng.choice(len(case.image), p=case.slice_weights))
         img = context_stack(case.image, [k], self.channels, case.slice_mm, self.context_mm)[0]  # (channels, H, W)
+        if self.randomizer is not None:
+            labels = context_stack(case.target, [k], self.channels, case.slice_mm, self.context_mm)[0]
+            img = self.randomizer(img, labels, case.known, self.contrast_rng)
         if self.mirror and self.channels > 1 and self.rng.random() < 0.5:
             img = np.ascontiguousarray(img[::-1])  # left and right neighbours swapped; the slice stays centred
         tgt = case.target[k]

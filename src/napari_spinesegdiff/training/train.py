@@ -55,6 +55,7 @@ class TrainConfig:
     context: int = 0  # baseline only: neighbouring slices on each side as input channels (2.5-D)
     context_mm: float = 2.0  # how far away they lie (preprocess.context_stack)
     mirror: bool = False  # 2.5-D only: half the crops with the neighbours reversed (a left-right mirror)
+    randomize_contrast: float = 0.0  # share of crops with a random contrast (training.randomize)
     val_every: int = 250
     seed: int = 0
     threads: int | None = None
@@ -332,8 +333,9 @@ def train(cfg: TrainConfig, train_cases: Sequence[TrainCase], val_cases: Sequenc
     from .recipe import balanced_weights
 
     batches = SliceBatches(train_cases, cfg.crop, cfg.batch_size, seed=cfg.seed * 1000 + rank + start,
-                           case_weights=balanced_weights(train_cases, cfg.phantom_share, dict(cfg.source_shares)), channels=channels,
-                           context_mm=cfg.context_mm, mirror=cfg.mirror)
+                           case_weights=balanced_weights(train_cases, cfg.phantom_share, dict(cfg.source_shares)),
+                           channels=channels, context_mm=cfg.context_mm, mirror=cfg.mirror,
+                           randomize=cfg.randomize_contrast)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank + start)
     log_path = out_dir / "log.csv"
     new_log = not (resume and log_path.exists())
