@@ -23,7 +23,7 @@ DIFF_FT_ITER=${DIFF_FT_ITER:-4500}
 BASE_FT3_ITER=${BASE_FT3_ITER:-5000}
 DIFF_FT3_ITER=${DIFF_FT3_ITER:-3000}
 RESUME=${RESUME:-}  # set RESUME=--resume to continue interrupted runs from runs/*/last_state.pt
-STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped), 4.4 (2.5-D presegmenter), 4.5 (a candidate: the presegmenter at 0.75 mm), 4.6 (v4.6: a second cycle of v4.4's presegmenter), 4.7 (a candidate: a third cycle), 4.8 (a candidate: v4.6's recipe with fewer phantom batches), 4.9 and 4.10 (the presegmenter widened to 'medium', two cycles), 4.11 (v4.11: their third cycle), 4.12 (a candidate: a fourth), 4.13d (a candidate: the diffusion model fine-tuned on v4.11's presegmentation), 4.13 (a candidate: a cycle with mirrored neighbours), 4.14 (a candidate: a second mirrored cycle, from 4.13's), 4.15 (a candidate: 4.13's cycle with more lumbar batches) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
+STAGE=${STAGE:-all}  # 1, 2, 3, 4, 4.1, 4.2, 4.3 (a candidate, not shipped), 4.4 (2.5-D presegmenter), 4.5 (a candidate: the presegmenter at 0.75 mm), 4.6 (v4.6: a second cycle of v4.4's presegmenter), 4.7 (a candidate: a third cycle), 4.8 (a candidate: v4.6's recipe with fewer phantom batches), 4.9 and 4.10 (the presegmenter widened to 'medium', two cycles), 4.11 (v4.11: their third cycle), 4.12 (a candidate: a fourth), 4.13d (a candidate: the diffusion model fine-tuned on v4.11's presegmentation), 4.13 (a candidate: a cycle with mirrored neighbours), 4.14 (a candidate: a second mirrored cycle, from 4.13's), 4.15 (a candidate: 4.13's cycle with more lumbar batches), 5.1 (a candidate: v4.11's presegmenter with random contrasts), 5.2 (a candidate: v4.2's diffusion model with random contrasts and 5.1's prior) or all (1-3 = v3; 4 = v4 from the shipped v3 files; 4.1 = v4.1's
                      # presegmenter; 4.2 = both networks fine-tuned on partial-volume targets)
 COMMON=(--data "lumbar:$DATA/lumbar" --data phantom:40:1 --splits runs/splits_lumbar.json --fold 0
         --preset small --batch-size 8 --crop 160 160 --val-every 500
@@ -72,12 +72,12 @@ fi
 V4=(--data "lumbar:$DATA/lumbar" --data "slabs:$DATA/spider_t2space" --data phantom:40:1
     --splits src/napari_spinesegdiff/weights/splits_v4.json --fold 0 --preset small --batch-size 8
     --crop 160 160 --no-progress)
-# diffusion_finetune INIT PRIOR ITERATIONS LR SEED VAL_EVERY THREADS OUT: the diffusion model fine-tuned from INIT
-# on partial-volume targets, 80 % of its low-t samples starting from PRIOR's presegmentation noised to t, into OUT
-# (log: OUT.log)
+# diffusion_finetune INIT PRIOR ITERATIONS LR SEED VAL_EVERY THREADS OUT [OPTIONS...]: the diffusion model fine-tuned
+# from INIT on partial-volume targets, 80 % of its low-t samples starting from PRIOR's presegmentation noised to t,
+# into OUT (log: OUT.log)
 diffusion_finetune() {
     .venv/bin/spinesegdiff train --kind diffusion --iterations "$3" --lr "$4" --seed "$5" --val-every "$6" \
-        --soft-targets --init "$1" --prior "$2" --prior-share 0.8 "${V4[@]}" --threads "$7" --out "$8" \
+        --soft-targets --init "$1" --prior "$2" --prior-share 0.8 "${V4[@]}" "${@:9}" --threads "$7" --out "$8" \
         >> "$8.log" 2>&1
 }
 if [ "$STAGE" = 4 ] || [ "$STAGE" = all ]; then
@@ -285,4 +285,24 @@ if [ "$STAGE" = 4.15 ]; then
     shipped_weights "$V411_BASELINE" b7c4362 baseline
     medium_cycle "$V411_BASELINE" 2000 2e-4 "${SEED:-21}" "${OUT:-runs/v415_lumbar60}" --mirror \
         --source-share lumbar=0.6
+fi
+if [ "$STAGE" = 5.1 ]; then
+    # v5.1 candidate (issue 35: any lumbar contrast): a mirrored cosine cycle of v4.11's presegmenter (as
+    # shipped) with half the crops given a random contrast (--randomize-contrast 0.5: an inversion or a random
+    # non-monotone curve, or every labelled structure and background cluster a random intensity; bias, blur,
+    # thick slices, Rician noise; training/randomize.py), 1,500 iterations at 2e-4, seed 23
+    V411_BASELINE=${V411_BASELINE:-runs/v411_shipped/baseline.safetensors}  # v4.11's, as shipped in b7c4362
+    shipped_weights "$V411_BASELINE" b7c4362 baseline
+    medium_cycle "$V411_BASELINE" "${ITER:-1500}" 2e-4 "${SEED:-23}" "${OUT:-runs/v51_contrast}" --mirror \
+        --randomize-contrast "${RANDOMIZE:-0.5}" --val-every 250
+fi
+if [ "$STAGE" = 5.2 ]; then
+    # v5.2 candidate: v4.2's diffusion model (as shipped) fine-tuned with the same random contrasts (its image
+    # encoder and its prior see one randomised image) and STAGE=5.1's presegmenter as its prior, 600 iterations
+    # at 2e-4, seed 24 (run STAGE=5.1 first)
+    V42_DIFFUSION=${V42_DIFFUSION:-runs/v411_shipped/diffusion.safetensors}  # v4.2's, as shipped in b7c4362
+    shipped_weights "$V42_DIFFUSION" b7c4362 diffusion
+    V51_BASELINE=${V51_BASELINE:-runs/v51_contrast/best.safetensors}
+    diffusion_finetune "$V42_DIFFUSION" "$V51_BASELINE" "${ITER:-600}" 2e-4 "${SEED:-24}" 200 "${THREADS:-2}" \
+        "${OUT:-runs/v52_diffusion}" --randomize-contrast "${RANDOMIZE:-0.5}"
 fi
