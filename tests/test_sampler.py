@@ -228,3 +228,22 @@ def test_tiny_network_same_seed_identical(tiny: SpineSegDiffNet) -> None:
     assert float(r1.probabilities.min()) >= 0 and float(r1.probabilities.max()) <= 1
     assert float(r1.uncertainty.max()) <= 1 / math.e + 1e-6
     assert torch.equal(r1.mask, r1.probabilities > 0.5)
+
+
+def test_each_member_keeps_its_last_x0(tiny: SpineSegDiffNet) -> None:
+    """sample_x0 holds each ensemble member's own last-step x0 (B, S, C, H, W): with x0 = 2 sigmoid - 1 the
+    mean of the members' logits is the last step's ensemble mean, which the last event shows."""
+    image = torch.randn(2, 1, 12, 10, generator=torch.Generator().manual_seed(3))
+    prior = (torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    events: list[StepEvent] = []
+    res = run_sampler(sample(tiny, image, schedule=SCHED, steps=3, ensemble=3, prior=prior, t_start=400,
+                             x0_mode="sigmoid"), events.append)
+    x0 = res.sample_x0
+    assert x0 is not None and x0.shape == (2, 3, 3, 12, 10)
+    assert float(x0.abs().max()) <= 1.0
+    assert not torch.allclose(x0[:, 0], x0[:, 1])  # the members differ (their own noise)
+    p = ((x0 + 1.0) / 2.0).clamp(1e-6, 1 - 1e-6)
+    mean_logits = torch.logit(p.double()).mean(dim=1)
+    torch.testing.assert_close(torch.sigmoid(mean_logits).float(), events[-1].probabilities, atol=2e-4, rtol=0)
+    # no step, no members
+    assert run_sampler(sample(tiny, image, schedule=SCHED, prior=prior, t_start=0)).sample_x0 is None

@@ -80,6 +80,9 @@ class SegmentationResult:
     slices: tuple[int, ...]
     class_names: list[str]
     provenance: dict[str, Any] = field(default_factory=dict)
+    # (S, N, rows, cols) uint8, canonical: each ensemble member's labels, from its own last-step x0 through the
+    # same blend, smoothing and post-processing as ``canonical_labels``; only with ``segment(keep_samples=True)``
+    canonical_sample_labels: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,42 @@ class _Roi:
         return full
 
 
+@dataclass(frozen=True)
+class _ScanProbabilities:
+    """One batch's denoised probabilities (model grid, inside the ROI) -> final channel probabilities on the
+    scan grid (n, C, rows, cols): pasted into the presegmentation outside the ROI and blended with it
+    (``baseline_weight``) on the finer of the two grids.  The same for the fused result and for each
+    ensemble member, so the members' labels differ from the final labels only by the denoiser's samples."""
+
+    steps_run: int
+    prior: Any
+    pre_scan: Any  # the presegmentation on the scan grid when the presegmenter's grid is finer, else None
+    roi: "_Roi"
+    grid: SliceGrid
+    x: Any
+    config: SegmentationConfig
+
+    def __call__(self, p_model) -> np.ndarray:
+        import torch
+
+        cfg, roi, grid, prior, pre_scan = self.config, self.roi, self.grid, self.prior, self.pre_scan
+        full_p = roi.paste(p_model.float(), prior, self.x)
+        if pre_scan is None:  # one grid: blend there
+            if cfg.prior == "baseline" and self.steps_run > 0 and cfg.baseline_weight > 0:
+                full_p = blend_presegmentation(full_p, prior.float(), cfg.baseline_weight)
+            return grid.to_scan(full_p).cpu().numpy()  # (n, C, rows, cols)
+        if self.steps_run == 0:  # the presegmentation stands, at its own resolution
+            return pre_scan.cpu().numpy()
+        probs = grid.to_scan(full_p)  # a finer presegmenter: blend on the scan grid, so its detail survives
+        if cfg.baseline_weight > 0:
+            probs = blend_presegmentation(probs, pre_scan, cfg.baseline_weight)
+        if roi.box is not None:  # outside the box the fine presegmentation stands, as on one grid
+            box = roi.paste(torch.ones_like(p_model[:, :1]).float(), None, self.x)
+            inside = grid.to_scan(box)
+            probs = inside * probs + (1.0 - inside) * pre_scan
+        return probs.cpu().numpy()
+
+
 def blend_presegmentation(diffusion, presegmentation, weight: float):
     """``(1 - weight) diffusion + weight presegmentation`` (class probabilities; tensors or arrays)."""
     return (1.0 - weight) * diffusion + weight * presegmentation
@@ -463,11 +502,14 @@ def segment(
     prior_labels: np.ndarray | Volume | None = None,
     stream_every: int = 1,
     models: LoadedModels | None = None,
+    keep_samples: bool = False,
 ) -> Generator[Progress | StepUpdate, None, SegmentationResult]:
     """Segment a scan (see the module docstring).  ``prior_labels`` is used when ``config.prior`` is
     ``"labels"`` (a labels volume from the caller); a path in ``config.prior`` is read here.  Step updates
     are yielded every ``stream_every`` steps (and always at a batch's last step), each batch's first as step 0
-    (its prior, before the first denoiser pass: what a viewer can show at once); ``0`` = none."""
+    (its prior, before the first denoiser pass: what a viewer can show at once); ``0`` = none.
+    ``keep_samples``: also label each ensemble member (``SegmentationResult.canonical_sample_labels``, for
+    the measurement intervals); off by default, as it costs memory and a labelling pass per member."""
     import torch
 
     from .labelscheme import labels_to_channels
@@ -502,6 +544,8 @@ def segment(
     unc_c = np.zeros((n_slices, rows, cols), np.float32)
     cunc_c = np.zeros((ncls, n_slices, rows, cols), np.float32)
     prob_c = np.zeros((ncls, n_slices, rows, cols), np.float32)
+    # each ensemble member's final probabilities, quantised to 1/255 (a fifth of float32's memory)
+    samples_u8 = np.zeros((config.ensemble, ncls, n_slices, rows, cols), np.uint8) if keep_samples else None
     batches = [list(chosen)[i:i + config.batch_slices] for i in range(0, len(chosen), config.batch_slices)]
     use_prior = config.prior != "none"
     steps_per_batch = len(schedule.respaced_timesteps(config.t_start if use_prior else schedule.T, config.steps))
@@ -557,25 +601,15 @@ def segment(
         timings["sampling_s"] += time.perf_counter() - ts0
         tq = time.perf_counter()
         with torch.inference_mode():
-            full_p = roi.paste(res.probabilities.float(), prior, x)
-            if pre_scan is None:  # one grid: blend there
-                if config.prior == "baseline" and res.steps_run > 0 and config.baseline_weight > 0:
-                    full_p = blend_presegmentation(full_p, prior.float(), config.baseline_weight)
-                probs = grid.to_scan(full_p).cpu().numpy()  # (n, C, rows, cols)
-            elif res.steps_run == 0:  # the presegmentation stands, at its own resolution
-                probs = pre_scan.cpu().numpy()
-            else:  # a finer presegmenter: blend on the scan grid, so its detail survives
-                probs = grid.to_scan(full_p)
-                if config.baseline_weight > 0:
-                    probs = blend_presegmentation(probs, pre_scan, config.baseline_weight)
-                if roi.box is not None:  # outside the box the fine presegmentation stands, as on one grid
-                    box = roi.paste(torch.ones_like(res.probabilities[:, :1]).float(), None, x)
-                    inside = grid.to_scan(box)
-                    probs = inside * probs + (1.0 - inside) * pre_scan
-                probs = probs.cpu().numpy()
+            to_scan = _ScanProbabilities(res.steps_run, prior, pre_scan, roi, grid, x, config)
+            probs = to_scan(res.probabilities)
+            if samples_u8 is not None:  # each ensemble member through the same blend (report.intervals)
+                for k in range(config.ensemble):
+                    member = probs if res.sample_x0 is None else to_scan((res.sample_x0[:, k] + 1.0) / 2.0)
+                    samples_u8[k][:, idx] = np.rint(np.moveaxis(member, 1, 0).clip(0.0, 1.0) * 255.0)
             if config.uncertainty != "labels":  # the step maps; the "labels" map comes from the final probabilities
                 if res.steps_run == 0:  # the presegmentation stands: its own -p log p is the uncertainty
-                    full_u = step_uncertainty(full_p)
+                    full_u = step_uncertainty(roi.paste(res.probabilities.float(), prior, x))
                 else:
                     prior_u = None if prior is None else step_uncertainty(prior)
                     full_u = roi.paste(res.uncertainty.float(), prior_u, x)
@@ -589,6 +623,12 @@ def segment(
 
     tq = time.perf_counter()
     labels_c = finalize_labels(prob_c, spacing, config, chosen, ckpt.class_names)
+    sample_labels = None
+    if samples_u8 is not None:  # the members through the same smoothing, label rule and post-processing
+        sample_labels = np.stack([
+            finalize_labels(np.multiply(member, np.float32(1 / 255), dtype=np.float32), spacing, config, chosen,
+                            ckpt.class_names) for member in samples_u8])
+        del samples_u8
     if config.uncertainty == "labels":
         unc_c, cunc_c = label_uncertainty(prob_c, ckpt.class_names, config.vertebrae, chosen)
     timings["post_s"] += time.perf_counter() - tq
@@ -607,6 +647,7 @@ def segment(
         slices=tuple(chosen),
         class_names=list(ckpt.class_names),
         provenance=provenance,
+        canonical_sample_labels=sample_labels,
     )
     yield Progress(total, total, f"done in {timings['total_s']:.1f} s")
     return result

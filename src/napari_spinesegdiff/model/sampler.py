@@ -57,6 +57,10 @@ class SampleResult:
     mask: torch.Tensor  # bool
     steps_run: int
     timesteps: list[int]
+    # (B, S, C, H, W): each ensemble member's own x0 estimate (in [-1, 1]) at the last step, before fusion;
+    # ``(x0 + 1) / 2`` are that member's probabilities (the ensemble samples of the measurement intervals,
+    # report.intervals); None when no step ran
+    sample_x0: torch.Tensor | None = None
 
 
 def step_weights(ts: int) -> list[float]:
@@ -147,7 +151,7 @@ class _Fuser:
         self.num = term if self.num is None else self.num + term
         self.umax = u if self.umax is None else torch.maximum(self.umax, u)
 
-    def result(self, timesteps: list[int]) -> SampleResult:
+    def result(self, timesteps: list[int], sample_x0: torch.Tensor | None = None) -> SampleResult:
         assert self.num is not None and self.umax is not None
         v = self.num / self.den
         if self.fusion == "step_uncertainty":
@@ -155,7 +159,7 @@ class _Fuser:
         else:
             probs = ((v + 1.0) / 2.0).clamp(0.0, 1.0)
             logits, mask = torch.logit(probs, eps=1e-6), v > 0
-        return SampleResult(probs, self.umax, logits, mask, len(timesteps), timesteps)
+        return SampleResult(probs, self.umax, logits, mask, len(timesteps), timesteps, sample_x0)
 
 
 def sample(
@@ -228,6 +232,7 @@ def _generate(
             x0_prior = (2.0 * prior.clamp(0.0, 1.0) - 1.0).repeat_interleave(s, dim=0).to(image.dtype)
             x = schedule.q_sample(x0_prior, timesteps[0], noise)
     running_u: torch.Tensor | None = None
+    x0 = None
 
     for k, t in enumerate(timesteps):
         t_prev = timesteps[k + 1] if k + 1 < n else -1
@@ -245,7 +250,7 @@ def _generate(
                 fuser.add(j, mean_logits, x0.view(b, s, *x0.shape[1:]), u)  # x0 is in [-1, 1]
         yield StepEvent(index=k + 1, total=n, t=t, probabilities=p, uncertainty=running_u)
 
-    return fuser.result(timesteps)
+    return fuser.result(timesteps, None if x0 is None else x0.view(b, s, *x0.shape[1:]))
 
 
 def run_sampler(gen: Generator[StepEvent, None, SampleResult], callback=None) -> SampleResult:
