@@ -15,18 +15,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _absurd_inputs import ABSURD, IDS, nifti_scan, one_sentence
 
 from napari_spinesegdiff.io import Volume, VolumeReadError, check_signal, read_volume
 from napari_spinesegdiff.io import guard
 from napari_spinesegdiff.io.writers import write_volume
 
 RAW = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
-
-
-def one_sentence(message: str, path: Path) -> None:
-    prefix = f"Cannot open {path}: "
-    assert message.startswith(prefix), message
-    assert message.endswith(".") and "\n" not in message and ". " not in message[len(prefix):], message
 
 
 def refused(path: Path, phrase: str) -> str:
@@ -225,7 +220,7 @@ def test_pair_with_missing_or_device_image_half(tmp_path):
 # ------------------------------------------------------------------------------------ warnings, wrapping
 
 
-@pytest.mark.parametrize("size", [6.7e7, 2e-10, 0.01, 25.0])
+@pytest.mark.parametrize("size", [0.01, 25.0])
 def test_unusual_voxel_size_warns_in_one_sentence(tmp_path, size):
     path = tmp_path / "odd_voxels.nii.gz"
     nib.save(nib.Nifti1Image(np.random.rand(4, 5, 6).astype(np.float32), np.diag([size, 1.0, 1.0, 1.0])), path)
@@ -236,6 +231,49 @@ def test_unusual_voxel_size_warns_in_one_sentence(tmp_path, size):
     texts = [str(w.message) for w in caught if "outside the usual" in str(w.message)]
     assert len(texts) == 1 and str(path) in texts[0]
     assert texts[0].endswith(".") and ". " not in texts[0] and "0.05-20 mm" in texts[0]
+
+
+@pytest.mark.parametrize("spacing", [(1e9, 1e9, 1e9), (6.7e7, 1.0, 1.0), (1.0, 2e-10, 1.0), (0.5, 0.5, 250.0)])
+def test_voxel_sizes_no_scan_has_are_refused(tmp_path, spacing):
+    path = nifti_scan(tmp_path / "absurd.nii.gz", (4, 5, 6), spacing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before the unusual-size warning
+        message = refused(path, "and a scan's voxels measure 0.001 to 100 mm")
+    assert " x ".join(f"{s:.4g}" for s in spacing) + " mm" in message
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".mha", ".nrrd"])
+def test_extent_no_body_has_is_refused_before_the_voxels_are_read(tmp_path, ext, monkeypatch):
+    like = Volume(np.zeros((1, 3000, 3000), np.float32), np.eye(4))  # one slice of 3 x 3 m at 1 mm
+    path = write_volume(like.data, tmp_path / f"wide{ext}", like=like, kind="image")
+    import SimpleITK
+
+    def no_voxels(*args, **kwargs):
+        raise AssertionError("the voxel data was read although the header already refused the file")
+
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__array__", no_voxels)
+    monkeypatch.setattr(SimpleITK.ImageFileReader, "Execute", no_voxels)
+    message = refused(path, "span 1 x 3000 x 3000 mm, more than the 2000 mm a scan of a body spans")
+    assert "1 x 3000 x 3000 voxels of 1 x 1 x 1 mm" in message
+
+
+def test_the_limits_themselves_still_open(tmp_path):
+    for shape, spacing in (((4, 5, 20), (0.001, 0.001, 100.0)), ((2000, 5, 6), (1.0, 0.5, 0.5))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # outside the usual sizes: a warning only
+            assert read_volume(nifti_scan(tmp_path / "edge.nii.gz", shape, spacing)).shape == shape
+
+
+@pytest.mark.parametrize("make, phrase", ABSURD, ids=IDS)
+def test_absurd_inputs_are_refused_in_one_sentence(tmp_path, make, phrase):
+    refused(make(tmp_path), phrase)
+
+
+def test_unreadable_file_is_refused_by_name(tmp_path, monkeypatch):
+    path = nifti_scan(tmp_path / "locked.nii.gz", (4, 5, 6), (1.0, 1.0, 1.0))
+    real = guard.os.access
+    monkeypatch.setattr(guard.os, "access", lambda p, mode: False if Path(p) == path else real(p, mode))
+    refused(path, "the file is not readable (permission denied)")  # os.access says no (root ignores the bits)
 
 
 def test_usual_voxel_sizes_do_not_warn(tmp_path):

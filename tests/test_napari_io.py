@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _absurd_inputs import ABSURD, IDS, one_sentence
 
 from napari_spinesegdiff._reader import CLASS_COLORS, napari_get_reader
 from napari_spinesegdiff._writer import write_image, write_labels
@@ -120,6 +121,23 @@ def test_reader_raises_one_sentence_for_claimed_unreadable_file(tmp_path):
         reader(str(bad))
     message = str(info.value)
     assert str(bad) in message and message.endswith(".") and ". " not in message
+
+
+@pytest.mark.parametrize("make, phrase", ABSURD, ids=IDS)
+def test_reader_refuses_absurd_inputs_with_read_volumes_sentence(tmp_path, make, phrase):
+    """Claimed (a name with our extension that exists, or that the system cannot examine) and refused with
+    read_volume's own sentence, not declined with napari's "no reader"."""
+    from napari_spinesegdiff.io import VolumeReadError
+
+    path = make(tmp_path)
+    with pytest.raises(VolumeReadError) as direct:
+        read_volume(path)
+    reader = napari_get_reader(str(path))
+    assert callable(reader)
+    with pytest.raises(VolumeReadError) as info:
+        reader(str(path))
+    assert str(info.value) == str(direct.value) and phrase in str(info.value)
+    one_sentence(str(info.value), path)
 
 
 def read_meta(path):

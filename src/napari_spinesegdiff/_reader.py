@@ -9,6 +9,7 @@ own geometry and array order.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,23 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 def _claims(path: str | Path) -> bool:
     """A DICOM folder, a regular file with an extension we read, or a DICOM file without one (``DICM``
-    at byte 128), as :func:`~napari_spinesegdiff.io.read_volume` opens them."""
+    at byte 128), as :func:`~napari_spinesegdiff.io.read_volume` opens them.
+
+    A name with an extension we read that exists but is no regular file (a looping or broken link, a device
+    or pipe) or that the system cannot examine (too long, through a file) is claimed too, so that opening it
+    shows :func:`read_volume`'s sentence rather than napari's "no reader"; a missing name is not claimed."""
     p = Path(path)
-    if p.is_dir():
-        return bool(dicom_files_in(p, limit=1))
-    return p.is_file() and (file_suffix(p) in READ_SUFFIXES or is_dicom_file(p))
+    try:
+        if p.is_dir():
+            return bool(dicom_files_in(p, limit=1))
+        if p.is_file():
+            return file_suffix(p) in READ_SUFFIXES or is_dicom_file(p)
+        os.lstat(p)  # the name exists (a link, a device, a pipe): claimed when its extension is ours
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        pass  # it cannot even be examined: read_volume says why
+    return file_suffix(p) in READ_SUFFIXES
 
 
 def napari_get_reader(path: str | Path | Sequence[str | Path]) -> Callable[..., list[LayerData]] | None:

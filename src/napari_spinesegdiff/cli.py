@@ -177,16 +177,15 @@ def cmd_segment(args) -> int:
     Outputs are written to temporaries beside their targets and moved into place together at the end;
     Ctrl+C or SIGTERM at any point leaves the complete set or nothing, and no temporary file.
     """
-    from .io.guard import check_signal
+    from .io.guard import check_input_path, check_signal
     from .io.outputs import OutputSet
     from .io.readers import read_volume
     from .pipeline import Progress, run
 
     try:
         cfg = _config_from_args(args)
+        check_input_path(args.scan)  # missing, a looping or broken link, unreadable: before anything else
         _check_segment_paths(args, cfg)  # cheap: before the scan is even read
-        if not args.scan.exists():
-            return _fail(f"{args.scan} does not exist.")
         volume = read_volume(args.scan, kind="image")
         check_signal(volume)
         truth = read_volume(args.truth, kind="labels") if args.truth is not None else None
@@ -215,6 +214,8 @@ def cmd_segment(args) -> int:
             return _fail("cancelled; no output was written.", EXIT_CANCELLED)
         except ValueError as exc:
             return _fail(str(exc))
+        except MemoryError:  # the estimate before the run (io.limits) missed: still one sentence
+            return _fail(f"the run on {args.scan} ran out of memory; no output was written.", EXIT_ERROR)
         finally:
             if bar is not None:
                 bar.close()

@@ -218,6 +218,29 @@ def _validate(volume: Volume, config: SegmentationConfig, models: LoadedModels) 
         raise SegmentationError(f"The scan of shape {volume.shape} is too small to segment.")
 
 
+def check_fits(volume: Volume, config: SegmentationConfig, models: LoadedModels) -> None:
+    """Refuse, in one sentence, a scan whose voxels or extent no scan has or whose run needs more memory
+    than this process can get (:mod:`.io.limits`): before any slice is resampled to the model's grid."""
+    from .io import limits
+
+    shape, spacing = volume.orientation.canonical_shape, volume.orientation.canonical_spacing
+    name = volume.source or "the scan"
+    problem = limits.physical_size_problem(spacing, shape)
+    if problem is not None:
+        raise SegmentationError(f"Cannot segment {name}: {problem}.")
+    ckpt, base = models.diffusion_config, models.baseline_config if config.prior == "baseline" else None
+    need = limits.estimate_run_bytes(
+        shape, spacing, ckpt.spacing_mm, chosen=len(parse_slices(config.slices, shape[0])),
+        batch_slices=config.batch_slices, ensemble=config.ensemble, classes=len(ckpt.class_names),
+        engine=models.engine, on_cpu=getattr(models.device, "type", "cpu") == "cpu",
+        presegmenter_mm=base.spacing_mm if base is not None else None,
+        features=(sum(base.network.features) if base is not None else 0, sum(ckpt.network.features)))
+    try:
+        limits.check_run_memory(name, shape, spacing, need, ckpt.spacing_mm)
+    except ValueError as exc:
+        raise SegmentationError(str(exc)) from None
+
+
 def _baseline_input(image: np.ndarray, idx, spacing, grid: SliceGrid, models: LoadedModels, dev, x):
     """The presegmenter's input on its own grid (``grid``, at its checkpoint's spacing): the slices themselves
     (``x``, already on that grid), or for a 2.5-D presegmenter each slice with its neighbours
@@ -519,6 +542,7 @@ def segment(
     t0 = time.perf_counter()
     models = models or load_models(config)
     _validate(volume, config, models)
+    check_fits(volume, config, models)
     ckpt = models.diffusion_config
     dev = models.device
     prior_canon = None

@@ -21,6 +21,7 @@ holds no signal (every voxel the same value), for the segmentation entry points.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import math
 import os
@@ -87,7 +88,7 @@ def is_system_path(path: str | Path) -> bool:
     candidates = [os.path.abspath(str(path))]
     try:
         candidates.append(str(Path(path).resolve()))
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL character
         pass
     return any(c == root or c.startswith(root + "/") for c in candidates for root in SYSTEM_FOLDERS)
 
@@ -112,18 +113,51 @@ def regular_file_size(path: Path, owner: Path, role: str) -> int:
     return int(st.st_size)
 
 
+def resolved(path: str | Path) -> Path:
+    """``path`` absolute with its links resolved as far as they lead; a symlink loop or a path the system
+    cannot resolve (too long, a NUL character) stays as given, made absolute (``Path.resolve`` raises
+    ``RuntimeError`` on a loop)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return Path(os.path.abspath(path))
+
+
+def _unreachable(path: Path, exc: BaseException) -> VolumeReadError:
+    """The refusal of a path that ``os.stat`` cannot follow: missing, a broken or looping link, or other."""
+    if isinstance(exc, ValueError):
+        return fail(path, "its name holds a NUL character, which no file name can")
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        if os.path.islink(path):
+            return fail(path, "it is a symbolic link in a loop of links that never reaches a file")
+        return fail(path, "its path passes through a loop of symbolic links that never reaches a file")
+    if isinstance(exc, FileNotFoundError):
+        if os.path.islink(path):
+            try:
+                target = quote(os.readlink(path), 160)
+            except OSError:
+                target = "a file"
+            return fail(path, f"it is a symbolic link to {target}, which does not exist")
+        return fail(path, "the file does not exist")
+    reason = (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
+    return fail(path, f"it cannot be examined ({reason})")
+
+
 def check_input_path(path: Path) -> None:
-    """The path given to a reader must be a regular file or a folder (never a device, fifo or socket)."""
+    """The path given to a reader must be a regular file or a folder (never a device, fifo or socket) that
+    can be read; a missing path, a broken or looping link and an unreadable file are refused by name."""
     if is_system_path(path):
         raise fail(path, "it is a system file, not a scan")
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise fail(path, "the file does not exist") from None
-    except OSError as exc:
-        raise fail(path, f"it cannot be examined ({exc.strerror or type(exc).__name__})") from None
+    except (OSError, ValueError) as exc:
+        raise _unreachable(path, exc) from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise fail(path, "it is a device, pipe or socket, not a file")
+    needed = os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
+    if not os.access(path, needed):
+        raise fail(path, f"{'the folder' if stat.S_ISDIR(st.st_mode) else 'the file'} is not readable "
+                         "(permission denied)")
 
 
 def _read_head(path: Path, limit: int) -> bytes:

@@ -19,6 +19,7 @@ import numpy as np
 from . import guard
 from .guard import VolumeReadError, check_affine, check_signal
 from .labels import as_label_array, is_integral
+from .limits import physical_size_problem
 from .volume import Volume
 
 ReadKind = Literal["auto", "image", "labels"]
@@ -137,6 +138,13 @@ def _check_shape(shape: tuple[int, ...], path: Path) -> None:
     _to_3d(np.broadcast_to(np.zeros((), np.uint8), tuple(int(s) for s in shape)), path)
 
 
+def _check_physical(sizes_mm, shape, path: Path) -> None:
+    """Refuse voxel sizes or an extent that no scan has, before any voxel is read."""
+    problem = physical_size_problem(sizes_mm, tuple(int(n) for n in tuple(shape)[: len(sizes_mm)]))
+    if problem is not None:
+        raise _fail(path, problem)
+
+
 def has_shear(affine: np.ndarray, tol: float = _SHEAR_TOL) -> bool:
     """True when the voxel axes of ``affine`` are not orthogonal (beyond ``tol`` in cosine)."""
     m = np.asarray(affine, dtype=float)[:3, :3]
@@ -147,8 +155,11 @@ def has_shear(affine: np.ndarray, tol: float = _SHEAR_TOL) -> bool:
     return bool(np.max(np.abs(u.T @ u - np.eye(3))) > tol)
 
 
-def _check_affine(affine: np.ndarray, path: Path) -> None:
-    """Finite, non-degenerate, each axis its own direction (see :func:`guard.check_affine`); shear warns."""
+def _check_affine(affine: np.ndarray, path: Path, shape) -> None:
+    """Finite, non-degenerate, each axis its own direction (see :func:`guard.check_affine`), voxel sizes and
+    extent a scan can have (:func:`limits.physical_size_problem`, for the first three axes of ``shape``);
+    shear warns."""
+    _check_physical(np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0), shape, path)
     check_affine(affine, path)
     if has_shear(affine):
         warnings.warn(
@@ -206,7 +217,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
             affine, source = nifti_header_affine(header)
     except Exception as exc:  # noqa: BLE001 - e.g. a qform with negative voxel sizes
         raise _fail(path, "its qform, sform or voxel size cannot be turned into an affine") from exc
-    _check_affine(affine, path)  # before any voxel is read
+    _check_affine(affine, path, img.shape)  # before any voxel is read
     if source == "pixdim":
         warnings.warn(
             f"{path.name} has neither a qform nor an sform; using the voxel size only (origin 0, axes "
@@ -362,7 +373,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001
         raise _fail(path, f"its {what} header cannot be read") from exc
     _sitk_checks(path, reader.GetSize(), reader.GetNumberOfComponents(), reader.GetPixelID())
-    _check_affine(_itk_info_affine(reader, path), path)
+    _check_affine(_itk_info_affine(reader, path), path, reader.GetSize())
     try:
         img = reader.Execute()
     except MemoryError:
@@ -428,6 +439,7 @@ def _check_dicom_header(files: list[str], path: Path) -> None:
         size = [*size[:2], int(np.prod(size[2:], dtype=np.int64)) * len(files)]
     guard.check_dims(path, size, "its DICOM header")
     _itk_info_affine(reader, path)
+    _check_physical(reader.GetSpacing()[:2], size[:2], path)  # in-plane; the slice spacing once stacked
     if reader.GetNumberOfComponents() > 4:
         raise _fail(path, f"its voxels are {reader.GetNumberOfComponents()}-component values, not scalar intensities")
 
@@ -451,7 +463,7 @@ def _read_dicom_series(files: list[str], path: Path, uid: str) -> tuple[np.ndarr
     if img.GetDimension() == 3 and img.GetSize()[2] == 1:
         raise _fail(path, "it is a single 2-D DICOM slice and no other slice of its series is beside it")
     data, affine, meta = _sitk_volume(img, path)
-    _check_affine(affine, path)  # a series' slice spacing is only known once its files are stacked
+    _check_affine(affine, path, data.shape)  # a series' slice spacing is only known once its files are stacked
     meta.update(format="dicom", source_files=[Path(f) for f in files], series_uid=uid)
     return data, affine, meta
 
