@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _absurd_inputs import ABSURD, IDS, nifti_scan
 
 from napari_spinesegdiff.cli import main
 
@@ -204,7 +205,8 @@ def test_unwritable_folder_is_refused(scan, tmp_path, capsys, no_model, monkeypa
     assert segment(scan, "-o", locked / "out.nii.gz") == 2
     err = one_error_line(capsys)
     assert "no file can be created in it (Read-only file system)" in err and str(locked) in err
-    monkeypatch.setattr(outputs.os, "access", lambda *a, **k: False)
+    real_access = os.access  # os.access says no for the output folder (the scan stays readable)
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode, **k: Path(p) != locked and real_access(p, mode))
     assert segment(scan, "-o", locked / "out.nii.gz") == 2
     assert "it is not writable" in one_error_line(capsys)
     assert listing(locked) == []
@@ -408,3 +410,182 @@ def test_signal_mid_run_or_mid_write_leaves_nothing(scan, tmp_path, mode, signum
     assert "cancelled; no output was written" in err
     assert listing(out) == ["labels.nii.gz"] and previous.read_bytes() == b"an earlier result"
     assert not temporaries(tmp_path)
+
+
+# ------------------------------------------------------------------------------- absurd inputs, memory
+
+
+@pytest.mark.parametrize("make, phrase", ABSURD, ids=IDS)
+def test_absurd_inputs_are_refused_before_the_run(tmp_path, capsys, no_model, make, phrase):
+    from napari_spinesegdiff.io import VolumeReadError, read_volume
+
+    scan = make(tmp_path)
+    with pytest.raises(VolumeReadError) as direct:
+        read_volume(scan)
+    assert phrase in str(direct.value)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = listing(tmp_path)
+    assert segment(scan, "-o", out / "labels.nii.gz", "--uncertainty", out / "unc.nii.gz") == 2
+    assert one_error_line(capsys) == f"spinesegdiff: error: {direct.value}"  # read_volume's own sentence
+    assert listing(tmp_path) == before
+
+
+@pytest.fixture
+def networks_that_must_not_run(monkeypatch):
+    """The shipped checkpoints' configurations with networks that fail the test when called."""
+    import torch
+
+    from napari_spinesegdiff import pipeline
+    from napari_spinesegdiff.model.checkpoint import read_config
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a network ran although the run had to be refused before it")
+
+    loaded = pipeline.LoadedModels(forbidden, read_config(pipeline.SHIPPED_DIFFUSION), forbidden,
+                                   read_config(pipeline.SHIPPED_BASELINE), torch.device("cpu"), "Using the CPU.",
+                                   str(pipeline.SHIPPED_DIFFUSION), str(pipeline.SHIPPED_BASELINE), "openvino", "bf16")
+    monkeypatch.setattr(pipeline, "load_models", lambda config: loaded)
+    return loaded
+
+
+def test_a_grid_that_would_not_fit_in_memory_is_refused_with_the_numbers(tmp_path, capsys, monkeypatch,
+                                                                         networks_that_must_not_run):
+    from napari_spinesegdiff import pipeline
+    from napari_spinesegdiff.config import SegmentationConfig
+    from napari_spinesegdiff.io import limits, read_volume
+
+    scan = nifti_scan(tmp_path / "wide.nii.gz", (1, 1000, 1000), (1.0, 1.0, 1.0))  # 1 m across: a scan, just
+    monkeypatch.setattr(limits, "available_memory", lambda: (2 * 2**30, "the address space left under this "
+                                                                        "process's limit"))
+    out = tmp_path / "out"
+    assert segment(scan, "-o", out / "labels.nii.gz") == 2
+    err = one_error_line(capsys)
+    assert err.startswith(f"spinesegdiff: error: Cannot segment {scan}: its slices of 1000 x 1000 voxels")
+    assert "1000 x 1000 pixels at the model's 1 x 1 mm" in err and "(1 slice, 1 at a time, 5 samples each)" in err
+    need = limits.estimate_run_bytes((1, 1000, 1000), (1.0, 1.0, 1.0), (1.0, 1.0), chosen=1, batch_slices=4,
+                                     ensemble=5, classes=4, engine="openvino").bytes
+    assert f"needs about {need / 2**30:.1f} GiB of memory, more than the 2.0 GiB of the address space" in err
+    assert 2 * 2**30 < need < 4 * 2**30 and not out.exists()
+    # the same run where 4 GiB are left: not refused (the check compares numbers, it refuses no size as such)
+    monkeypatch.setattr(limits, "available_memory", lambda: (4 * 2**30, "the memory the machine has available"))
+    pipeline.check_fits(read_volume(scan), SegmentationConfig(), networks_that_must_not_run)
+
+
+def test_the_memory_estimate_follows_the_model_grid():
+    from napari_spinesegdiff.io.limits import estimate_run_bytes
+
+    def need(shape, spacing, **kw):
+        kw = {"chosen": shape[0], "batch_slices": 4, "ensemble": 5, "classes": 4, "engine": "openvino", **kw}
+        return estimate_run_bytes(shape, spacing, (1.0, 1.0), **kw)
+
+    fine, coarse = need((1, 1200, 1200), (3.0, 0.5, 0.5)), need((1, 600, 600), (3.0, 1.0, 1.0))
+    assert fine.model_shape == coarse.model_shape == (600, 600)
+    scan_term = 4 * 40  # bytes per scan voxel with four classes
+    assert fine.bytes - coarse.bytes == (1200**2 - 600**2) * scan_term  # the same model grid: only the scan grows
+    one, four = need((8, 600, 600), (3.0, 1.0, 1.0), batch_slices=1), need((8, 600, 600), (3.0, 1.0, 1.0))
+    assert four.batch == 4 and four.bytes - 8 * 600**2 * scan_term == 4 * (one.bytes - 8 * 600**2 * scan_term)
+    gpu = need((8, 600, 600), (3.0, 1.0, 1.0), on_cpu=False)
+    assert gpu.bytes == 8 * 600**2 * scan_term  # the networks' activations live on the accelerator
+    assert need((1, 3000, 3000), (1.0, 1.0, 1.0), engine="torch").bytes > need((1, 3000, 3000), (1.0, 1.0, 1.0)).bytes
+    huge = need((12, 64, 64), (1e9, 1e9, 1e9))  # Python integers: no overflow, just a number no machine has
+    assert huge.model_shape == (64 * 10**9, 64 * 10**9) and huge.bytes > 10**22
+
+
+def test_available_memory_counts_the_address_space_limit():
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            "from napari_spinesegdiff.io.limits import _vm_size, available_memory; "
+            "left, what = available_memory(); print(left + _vm_size(), what)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    total, what = proc.stdout.split(" ", 1)
+    if "address space" not in what:  # the machine or container has less than the limit left
+        pytest.skip(f"less memory than the 3 GiB limit is available here ({what.strip()})")
+    assert abs(int(total) - (3 << 30)) < 16 << 20  # the limit minus what the process had mapped
+
+
+# ------------------------------------------------------------------------------- stale temporaries
+
+
+def test_a_killed_runs_temporaries_are_removed_by_the_next_run(scan, tmp_path, fake_model, capsys):
+    from napari_spinesegdiff.io.temporaries import writer_tag
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(DRIVER))
+    out = tmp_path / "results"
+    out.mkdir()
+    outputs = ["-o", out / "labels.nii.gz", "--uncertainty", out / "unc.nii.gz"]
+    proc = subprocess.Popen([sys.executable, str(driver), "segment", str(scan), *map(str, outputs), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SAFETY_MODE": "write"})
+    try:
+        assert proc.stdout.readline().strip() == "WRITING", proc.stderr.read() if proc.poll() is not None else ""
+        proc.kill()  # SIGKILL in the middle of the writes: no handler runs
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = temporaries(out)
+    assert len(left) == 2 and all(f"-{proc.pid}." in name for name in left), left  # labels and unc.nii.gz
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    alive = f".labels.nii.gz.{writer_tag().split('-')[0]}-{sleeper.pid}.abcdefgh.tmp.nii.gz"
+    decoys = [alive,  # a writer that is still running: a concurrent run to the same output
+              ".labels.nii.gz.ABCDEFGH.tmp.nii.gz", "labels.nii.gz.abcdefgh.tmp.nii.gz",
+              ".labels.nii.gz.abcdefg.tmp.nii.gz", ".labels.nii.gz.abcdefgh.tmp.nii", ".labels.nii.gz.abcdefgh.tmp.mha",
+              ".labels.nii.gz.abcdefgh.tmp.nii.gz.bak", ".label.nii.gz.abcdefgh.tmp.nii.gz", "notes.tmp.nii.gz",
+              ".labels.nii.gz.abcdefgh.tmp.old"]  # an old copy that is not the target's content
+    try:
+        for name in decoys:
+            (out / name).write_bytes(b"not a temporary of this output")
+        assert segment(scan, *outputs) == 0
+        assert sorted(listing(out)) == sorted(["labels.nii.gz", "labels.json", "unc.nii.gz", *decoys])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert segment(scan, *outputs) == 0  # now its writer is gone: that one goes too
+    assert sorted(listing(out)) == sorted(["labels.nii.gz", "labels.json", "unc.nii.gz", *decoys[1:]])
+
+
+def test_which_temporaries_count_as_stale(tmp_path):
+    from napari_spinesegdiff.io import temporaries as tmp
+
+    target = tmp_path / "labels.nii.gz"
+    target.write_bytes(b"the current result")
+    host = tmp.writer_tag().split("-")[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    names = {
+        "young_unknown_writer": ".labels.nii.gz.abcdefgh.tmp.nii.gz",  # from before the writer was recorded
+        "old_unknown_writer": ".labels.nii.gz.bcdefghi.tmp.nii.gz",
+        "other_machine_dead_pid": f".labels.nii.gz.00000000-{dead}.cdefghij.tmp.nii.gz",
+        "dead_writer": f".labels.nii.gz.{host}-{dead}.defghijk.tmp.nii.gz",
+        "this_process": f".labels.nii.gz.{tmp.writer_tag()}.efghijkl.tmp.nii.gz",
+        "backup_of_the_current_content": f".labels.nii.gz.{host}-{dead}.fghijklm.tmp.old",
+        "backup_of_other_content": f".labels.nii.gz.{host}-{dead}.ghijklmn.tmp.old",
+    }
+    for key, name in names.items():
+        if key == "backup_of_the_current_content":
+            os.link(target, tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(b"x")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(tmp_path / names["old_unknown_writer"], (two_hours_ago, two_hours_ago))
+    (tmp_path / f".labels.nii.gz.{host}-{dead}.hijklmno.tmp.nii.gz").mkdir()  # a folder: never ours
+    (tmp_path / f".labels.nii.gz.{host}-{dead}.ijklmnop.tmp.nii.gz").symlink_to(target)  # a link: never ours
+    stale = {p.name for p in tmp.stale_temporaries(target)}
+    assert stale == {names[k] for k in ("old_unknown_writer", "dead_writer", "backup_of_the_current_content")}
+    assert {p.name for p in tmp.remove_stale(target)} == stale
+    assert target.read_bytes() == b"the current result" and not any((tmp_path / n).exists() for n in stale)
+    later = time.time() + 2 * 3600  # an hour on, every temporary whose writer cannot be asked is stale
+    assert {p.name for p in tmp.stale_temporaries(target, now=later)} == {
+        names[k] for k in ("young_unknown_writer", "other_machine_dead_pid")}
+
+
+def test_temporaries_of_long_names_still_fit(tmp_path):
+    from napari_spinesegdiff.io import temporaries as tmp
+
+    target = tmp_path / ("x" * 218 + ".nii.gz")  # 225 bytes: a temporary of 246 fits, with the writer 257 or more
+    made = tmp.make_temporary(target)
+    assert len(made.name) == 246 and tmp._pattern(target).match(made.name)
+    assert tmp.stale_temporaries(target) == []  # no writer to ask: stale only after STALE_AFTER_S
+    assert tmp.stale_temporaries(target, now=time.time() + tmp.STALE_AFTER_S + 60) == [made]

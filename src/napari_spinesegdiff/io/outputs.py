@@ -10,7 +10,8 @@ extension no writer supports.  Nothing is created by the check except that short
 place in :meth:`OutputSet.commit`, with SIGINT and SIGTERM held back during the moves (so a signal
 lands before the first move or after the last).  Leaving the ``with`` block any other way, including
 by ``KeyboardInterrupt``, removes every temporary file and any folder it created: the targets then
-hold either the complete new set or what they held before.
+hold either the complete new set or what they held before.  The temporaries that only a SIGKILL can leave
+behind are removed by the next set that writes the same target (:func:`.temporaries.remove_stale`).
 """
 
 from __future__ import annotations
@@ -27,18 +28,16 @@ from typing import Any
 
 import numpy as np
 
+from .guard import resolved
 from .readers import file_suffix
+from .temporaries import BACKUP_END, make_temporary, remove_stale
 from .volume import Volume
 from .writers import WRITE_SUFFIXES, VolumeWriteError, WriteKind, _cast, checked_write, write_file
 
-#: Prefix and infix of the temporary files (``.<name>.<random>.tmp<suffix>`` beside the target).
-TEMP_PREFIX = "."
-TEMP_INFIX = ".tmp"
-
 
 def _key(path: Path) -> str:
-    """A comparable form of a path: absolute, links resolved as far as they exist."""
-    return os.path.normcase(str(Path(os.path.abspath(path)).resolve()))
+    """A comparable form of a path: absolute, links resolved as far as they exist (a loop stays as given)."""
+    return os.path.normcase(str(resolved(os.path.abspath(path))))
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -46,7 +45,7 @@ def _same(a: Path, b: Path) -> bool:
         return True
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links, bind mounts
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
@@ -193,11 +192,9 @@ class OutputSet:
         if any(_same(target, t) for _, t in self._staged):
             raise VolumeWriteError(f"Cannot write {target}: it is already part of this output set.")
         self._make_dirs(target.parent)
+        remove_stale(target)  # what a killed earlier run writing this output left behind
         with signals_held():  # the temporary is registered before a signal can leave it behind
-            fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}.", suffix=f"{TEMP_INFIX}"
-                                        f"{file_suffix(target)}", dir=target.parent)
-            os.close(fd)
-            tmp = Path(name)
+            tmp = make_temporary(target)
             self._staged.append((tmp, target))
         return tmp
 
@@ -255,9 +252,7 @@ class OutputSet:
     def _backup(target: Path) -> Path | None:
         if not target.exists():
             return None
-        fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}.", suffix=f"{TEMP_INFIX}.old",
-                                    dir=target.parent)
-        os.close(fd)
+        name = make_temporary(target, BACKUP_END)
         os.unlink(name)
         try:
             os.link(target, name)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from .guard import resolved
 from .labels import is_integral
+from .temporaries import make_temporary, remove_stale
 from .readers import (
     KIND_KEY,
     PROVENANCE_KEY,
@@ -79,19 +80,12 @@ def _cast(data: np.ndarray, kind: WriteKind, path: Path) -> np.ndarray:
 
 def _refuse_source(path: Path, like: Volume) -> None:
     sources = [like.source, *like.meta.get("source_files", [])]
-    target = path.resolve()
+    target = resolved(path)
     for src in sources:
-        if src is not None and Path(src).resolve() == target:
+        if src is not None and resolved(src) == target:
             raise VolumeWriteError(
                 f"Refusing to write {path} because it is the input scan; choose another file name."
             )
-
-
-def _temp_path(path: Path) -> Path:
-    suffix = file_suffix(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(name)
 
 
 # ----------------------------------------------------------------------------------------------- NIfTI
@@ -219,7 +213,8 @@ def write_volume(
         raise VolumeWriteError(f"Cannot write {path}: the file exists and overwrite is off.")
     arr = _cast(arr, kind, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    remove_stale(path)  # what a killed earlier write of this file left behind
+    tmp = make_temporary(path)
     try:
         write_file(arr, tmp, suffix, like, produced_by)
         os.replace(tmp, path)
