@@ -341,3 +341,39 @@ def test_check_signal_accepts_a_scan_with_signal():
 def test_guard_constants_are_module_level():
     assert guard.MAX_VOXELS == 2**31 and guard.MIN_DIMS == 2 and guard.MAX_DIMS == 5
     assert guard.USUAL_VOXEL_MM == (0.05, 20.0)
+
+
+# ------------------------------------------------------------------------------------------------ DICOM
+
+
+def dicom_series(folder: Path, rows: int = 24, cols: int = 20, slices: int = 3) -> Path:
+    """A sagittal series written by SimpleITK (GDCM: implicit VR little endian after the file meta)."""
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    data = np.random.default_rng(0).integers(100, 900, (slices, rows, cols)).astype(np.int16)
+    for k in range(slices):
+        img = sitk.GetImageFromArray(data[k])
+        img.SetSpacing((0.8, 0.8))
+        for tag, value in {"0008|0060": "MR", "0020|000e": "1.2.826.0.1.3680043.2.1125.77.1",
+                           "0020|000d": "1.2.826.0.1.3680043.2.1125.77.9", "0020|0013": str(k + 1),
+                           "0008|0018": f"1.2.826.0.1.3680043.2.1125.77.1.{k + 1}",
+                           "0020|0032": f"{3.0 * k}\\0\\0", "0020|0037": "0\\1\\0\\0\\0\\-1"}.items():
+            img.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
+        writer.Execute(img)
+    return folder
+
+
+def test_dicom_rows_beyond_the_pixel_data_are_refused(tmp_path):
+    series = dicom_series(tmp_path / "series")
+    assert read_volume(series).shape == (20, 24, 3)
+    rows = b"\x28\x00\x10\x00\x02\x00\x00\x00"  # (0028,0010) US, length 2, in implicit VR
+    for f in series.iterdir():
+        raw = f.read_bytes()
+        assert raw.count(rows + struct.pack("<H", 24)) == 1
+        f.write_bytes(raw.replace(rows + struct.pack("<H", 24), rows + struct.pack("<H", 1000)))
+    message = refused(series, "its header declares 20x1000x1 voxels (40,000 bytes) but its file")
+    assert "truncated or its header is wrong" in message

@@ -442,6 +442,48 @@ def _check_dicom_header(files: list[str], path: Path) -> None:
     _check_physical(reader.GetSpacing()[:2], size[:2], path)  # in-plane; the slice spacing once stacked
     if reader.GetNumberOfComponents() > 4:
         raise _fail(path, f"its voxels are {reader.GetNumberOfComponents()}-component values, not scalar intensities")
+    _check_dicom_pixel_bytes(reader, Path(files[0]), path)
+
+
+#: Transfer syntaxes whose pixel data is stored as is (implicit and explicit VR little endian, big endian).
+_NATIVE_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+
+def _dicom_transfer_syntax(file: Path) -> str | None:
+    """The transfer syntax UID of a DICOM file's meta group (explicit VR little endian after ``DICM`` at
+    byte 128), or ``None`` when it has none (then the data set is implicit VR little endian)."""
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    if head[128:132] != b"DICM":
+        return None
+    pos = 132
+    while pos + 8 <= len(head) and head[pos : pos + 2] == b"\x02\x00":
+        element, vr = int.from_bytes(head[pos + 2 : pos + 4], "little"), head[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+            start, length = pos + 12, int.from_bytes(head[pos + 8 : pos + 12], "little")
+        else:
+            start, length = pos + 8, int.from_bytes(head[pos + 6 : pos + 8], "little")
+        if element == 0x0010:
+            return head[start : start + length].decode("ascii", "replace").strip("\x00 ")
+        pos = start + length
+    return None
+
+
+def _check_dicom_pixel_bytes(reader, file: Path, path: Path) -> None:
+    """Uncompressed pixel data cannot be larger than its file: rows, columns, frames, samples and bits
+    allocated that declare more are refused (GDCM would read past the data it has)."""
+    if _dicom_transfer_syntax(file) not in (None, *_NATIVE_TRANSFER_SYNTAXES):
+        return  # compressed: the declared size may well exceed the file
+    try:
+        bits = int(str(reader.GetMetaData("0028|0100")).strip()) if reader.HasMetaDataKey("0028|0100") else 16
+    except ValueError:
+        raise _fail(path, "its DICOM header's bits allocated is not a number") from None
+    where = "its file" if file == path else f"its file {file.name}"
+    guard.check_data_size(path, list(reader.GetSize()), max(1, -(-bits // 8)), guard.regular_file_size(file, path, where),
+                          "raw", where, components=reader.GetNumberOfComponents())
 
 
 def _read_dicom_series(files: list[str], path: Path, uid: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
