@@ -1,4 +1,5 @@
-"""Fuzz the scan readers with mutated NIfTI, MetaImage (.mha, .mhd + .raw) and NRRD files.
+"""Fuzz the scan readers with mutated NIfTI, MetaImage (.mha, .mhd + .raw), NRRD and DICOM files, and whole
+``spinesegdiff segment`` runs with absurd scans and paths.
 
 Every case is read in a child process of its own (forked from a clean process that imported the readers
 and nothing else), with its address space capped (RLIMIT_AS) and a timeout, through
@@ -17,8 +18,17 @@ Run by hand (a few minutes for 2,000 cases on one core):
 
 ``--explicit`` adds one named case per crash class found by the hostile tester (negative, zero and huge
 NDims, a tiny compressed .mha declaring 1024^3 voxels, a 4000x4000x100 .nii stub, .mhd -> /dev/zero and
-/dev/stdin, a degenerate affine, a negative dimension).  The exit status is 1 when any case is foreign,
-crashed or hung.
+/dev/stdin, a degenerate affine, a negative dimension).  DICOM cases are series written by SimpleITK with
+mutated tags (``fuzz_dicom.py``).
+
+Whole runs (``fuzz_runs.py``: each a fresh ``spinesegdiff segment`` under ``--run-mem-gib`` of address
+space, one slice, two steps, two samples):
+
+    python benchmarks/fuzz.py --cases 0 --named-runs all --runs 40 [--run-mem-gib 4] [--run-timeout 300]
+
+``--named-runs`` takes ``all`` or a comma-separated list of the named cases (the issue's 1e9 mm spacing,
+3000 x 3000 slice at 1 mm and symlink loop among them; a named case must end as it expects).  The exit
+status is 1 when any case is foreign, crashed or hung, or a named case ends otherwise than it expects.
 """
 
 from __future__ import annotations
@@ -48,6 +58,8 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fuzz_dicom, fuzz_runs beside this file
 
 OUTCOMES = ("opened", "refused", "foreign", "crashed", "hung")
 #: Words that only appear in a library's own messages, never in one of our sentences.
@@ -499,8 +511,16 @@ def special_target_case(rng: random.Random, index: int) -> Case:
     return case
 
 
-GENERATORS = [(nifti_case, 0.28), (nifti2_case, 0.06), (metaimage_case, 0.3), (nrrd_case, 0.26), (junk_case, 0.06),
-              (special_target_case, 0.04)]
+def dicom_case(rng: random.Random, index: int) -> Case:
+    """A SimpleITK-written DICOM series (a folder or one of its files) with mutated tags (fuzz_dicom.py)."""
+    from fuzz_dicom import mutated_series
+
+    files, target, note = mutated_series(rng)
+    return Case(name=f"case{index}", target=target, files=files, folders=["series"], note="dicom: " + note)
+
+
+GENERATORS = [(nifti_case, 0.25), (nifti2_case, 0.06), (metaimage_case, 0.27), (nrrd_case, 0.24), (junk_case, 0.06),
+              (special_target_case, 0.04), (dicom_case, 0.08)]
 
 
 def make_case(seed: int, index: int) -> Case:
@@ -564,9 +584,36 @@ def explicit_cases() -> list[Case]:
                       files={"negndim.nii": bytes(h) + bytes(4) + raw}))
     nrrd = ("NRRD0004\ntype: uchar\ndimension: 3\nsizes: 4 5 6\nencoding: raw\ndata file: /dev/zero\n").encode()
     cases.append(Case(name="nhdr_devzero", target="z.nhdr", files={"z.nhdr": nrrd}, expect="/dev/zero"))
+    cases += _absurd_explicit_cases()
     for c in cases:
         c.note = "explicit: " + c.name
     return cases
+
+
+def _absurd_explicit_cases() -> list[Case]:
+    """Valid files of absurd size (issue 37) and a link loop: refused by the readers in one sentence."""
+    import nibabel as nib
+
+    def nii_gz(shape, spacing) -> bytes:
+        img = nib.Nifti1Image(np.ones(shape, np.uint8), np.diag([*spacing, 1.0]))
+        return _gz(img.to_bytes())
+
+    import fuzz_dicom as fd
+
+    with tempfile.TemporaryDirectory(prefix="fuzz-dicom-") as tmp:
+        fd.valid_series(Path(tmp), slices=3, rows=16, cols=12)
+        fd.edit_files(Path(tmp), fd.PIXEL_SPACING, fd.text_value("1e9\\1e9"))
+        series = {f"series/{p.name}": p.read_bytes() for p in sorted(Path(tmp).iterdir())}
+    return [
+        Case(name="spacing_1e9", target="s.nii.gz", files={"s.nii.gz": nii_gz((4, 5, 6), (1e9, 1e9, 1e9))},
+             expect="its voxels measure 1e+09 x 1e+09 x 1e+09 mm"),
+        Case(name="slice_3000_at_1mm", target="w.nii.gz", files={"w.nii.gz": nii_gz((1, 3000, 3000), (1, 1, 1))},
+             expect="span 1 x 3000 x 3000 mm"),
+        Case(name="self_loop", target="loop.nii.gz", links={"loop.nii.gz": "loop.nii.gz"},
+             expect="symbolic link in a loop of links"),
+        Case(name="dicom_spacing_1e9", target="series", files=series, folders=["series"],
+             expect="its voxels measure 1e+09 x 1e+09 mm"),
+    ]
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -805,6 +852,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, help="keep the case files under this folder")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     ap.add_argument("--library-output", action="store_true", help="let the children print libraries' warnings")
+    ap.add_argument("--runs", type=int, default=0, help="random whole segment runs (default 0)")
+    ap.add_argument("--named-runs", default="", help="'all' or comma-separated named whole-run cases")
+    ap.add_argument("--run-mem-gib", type=float, default=4.0, help="address space of a whole run (RLIMIT_AS)")
+    ap.add_argument("--run-timeout", type=float, default=300.0, help="seconds before a whole run counts as hung")
     args = ap.parse_args(argv)
 
     cases = (explicit_cases() if args.explicit else []) + [make_case(args.seed, i) for i in range(args.cases)]
@@ -812,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     records = run_cases(cases, workers=args.workers, timeout=args.timeout, mem_gib=args.mem_gib, keep=args.keep,
                         progress=not args.quiet, quiet_children=not args.library_output)
     summary = summarize(records, time.monotonic() - t0)
+    runs = whole_runs(args)
     bad = [r for r in records if r["outcome"] in ("foreign", "crashed", "hung")]
     expected_misses = []
     for r, case in zip(records, cases):
@@ -820,12 +872,47 @@ def main(argv: list[str] | None = None) -> int:
             if r["outcome"] != "refused" or case.expect not in messages:
                 expected_misses.append(r)
     summary["explicit_misses"] = len(expected_misses)
+    report = {"summary": summary, "records": records}
+    if runs is not None:
+        report["runs"] = runs
+        summary["whole_runs"] = runs["summary"]
+        bad += [r for r in runs["records"] if r["outcome"] in ("foreign", "crashed", "hung", "unbuilt")]
+        expected_misses += [r for r in runs["records"] if "expected" in r]
     print(json.dumps(summary))
     for r in (bad + expected_misses)[:40]:
-        print(f"{r['outcome']:8s} {r['note'][:120]} :: {r.get('detail') or r.get('messages')}", file=sys.stderr)
+        detail = r.get("detail") or r.get("messages") or r.get("message")
+        print(f"{r['outcome']:8s} {r.get('case', '')} {r['note'][:110]} :: {detail}"
+              + (f" (expected {r['expected']})" if "expected" in r else ""), file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "records": records}, indent=1))
+        args.json.write_text(json.dumps(report, indent=1))
     return 1 if bad or expected_misses else 0
+
+
+def whole_runs(args) -> dict | None:
+    """The whole ``segment`` runs the options ask for (``fuzz_runs.py``), or ``None`` when none."""
+    if not args.runs and not args.named_runs:
+        return None
+    import fuzz_runs
+
+    named = fuzz_runs.named_run_cases()
+    if args.named_runs and args.named_runs != "all":
+        wanted = [n.strip() for n in args.named_runs.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - {c.name for c in named})
+        if unknown:
+            raise SystemExit(f"unknown named runs: {', '.join(unknown)}")
+        named = [c for c in named if c.name in wanted]
+    elif not args.named_runs:
+        named = []
+    cases = named + [fuzz_runs.random_run_case(args.seed, i) for i in range(args.runs)]
+    root = Path(tempfile.mkdtemp(prefix="spinesegdiff-fuzz-runs-", dir=args.keep))
+    t0 = time.monotonic()
+    try:
+        records = fuzz_runs.run_cases(cases, root, mem_gib=args.run_mem_gib, timeout=args.run_timeout,
+                                      markers=LIBRARY_MARKERS, progress=not args.quiet)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return {"summary": fuzz_runs.summarize_runs(records, time.monotonic() - t0), "records": records}
 
 
 if __name__ == "__main__":
