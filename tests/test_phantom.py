@@ -226,3 +226,62 @@ def test_truth_in_the_written_scheme_whole_and_split():
     assert post.any() and (whole[post] == 2).all() and (split[post] == 4).all()
     assert np.array_equal(merge_vertebrae(split), whole)
     assert np.array_equal(split[~post], ph.labels.data[~post])  # bodies, discs and canal unchanged
+
+
+# ------------------------------------------------------------------ known deformities and their geometry
+def test_deformity_options_default_off_and_the_analytic_shapes_are_the_painted_ones():
+    """Without options a phantom is the one of before (tilt 0, no wedge, no slip give the same arrays); with
+    them, the analytic label of :class:`Construction` at every voxel centre is the painted label."""
+    from napari_spinesegdiff.phantom_geometry import BODY_ID, CANAL_ID, DISC_ID
+
+    plain = make_phantom(4, fov_mm=SMALL_FOV)
+    same = make_phantom(4, fov_mm=SMALL_FOV, tilt_deg=0.0, wedge={}, slip={"L3": 0.0})
+    np.testing.assert_array_equal(plain.image.data, same.image.data)
+    np.testing.assert_array_equal(plain.labels.data, same.labels.data)
+    ph = make_phantom(4, tilt_deg=-15, wedge={"L2": 0.4}, slip={"L5": 0.3})
+    lab, sp = ph.labels.canonical(), ph.labels.orientation.canonical_spacing
+    rows, cols = np.mgrid[0:lab.shape[1], 0:lab.shape[2]]
+    for k in (3, 6, 9):
+        ids = ph.construction.ids((rows * sp[1]).ravel(), (cols * sp[2]).ravel(),
+                                  (k - (lab.shape[0] - 1) / 2) * sp[0]).reshape(rows.shape)
+        classes = np.select([ids == CANAL_ID, (ids >= BODY_ID) & (ids < DISC_ID), (ids >= DISC_ID) & (ids < CANAL_ID)],
+                            [1, 2, 3], 0)
+        np.testing.assert_array_equal(classes, lab[k])
+
+
+def test_geometry_of_a_wedge_a_slip_and_a_tilt():
+    """The constructed measures: the wedged body's anterior height is lost linearly (90 % of the wedge at 10 %
+    of the depth, 10 % at 90 %, less the endplates' concavity, which the wedge keeps), its neighbours keep
+    ratios near 1; the slip is the asked share of the lower
+    body's depth and the other levels do not slip; turning the column leaves every body and disc measure
+    as it was (a rigid rotation), and the disc heights follow _DISC_H (degenerated discs lower)."""
+    base = make_phantom(6).geometry
+    wedged = make_phantom(6, wedge={"L1": 0.35}).geometry
+    ratio = wedged["L1"]["height_anterior_mm"] / base["L1"]["height_anterior_mm"]
+    assert ratio == pytest.approx(1 - 0.9 * 0.35, abs=0.03)
+    assert wedged["L1"]["height_posterior_mm"] / base["L1"]["height_posterior_mm"] == pytest.approx(1 - 0.035, abs=0.01)
+    assert wedged["L1"]["wedge_ratio"] < 0.75
+    assert all(0.97 < wedged[n]["wedge_ratio"] < 1.03 for n in ("T12", "L2", "L3", "L4", "L5"))
+    slipped = make_phantom(6, slip={"L4": 0.25}).geometry
+    # the shift is 25 % of L5's nominal depth; its endplate, 3 mm inside the body, is a little shallower
+    assert 25.0 <= slipped["L4"]["slip_percent"] <= 27.5
+    assert all(abs(slipped[n]["slip_percent"]) < 1.5 for n in ("T12", "L1", "L2", "L3", "L5"))
+    assert all(abs(base[n]["slip_percent"]) < 1.5 for n in BODY_NAMES[:6])
+    turned = make_phantom(6, tilt_deg=10).geometry
+    for name in BODY_NAMES[:6] + DISC_NAMES:
+        for key in ("height_anterior_mm", "height_middle_mm", "height_posterior_mm", "depth_mm"):
+            assert turned[name][key] == pytest.approx(base[name][key], abs=2e-3), (name, key)
+    assert base["S1"] == {}
+    degenerated = make_phantom(6, degenerated=["L4/L5"]).geometry
+    assert degenerated["L4/L5"]["height_middle_mm"] < 0.7 * base["L4/L5"]["height_middle_mm"]
+    assert 6.0 < base["L3/L4"]["height_middle_mm"] < 18.0 and 30.0 < base["L3"]["depth_mm"] < 45.0
+    assert all(12.0 < base[n]["ap_diameter_mm"] < 20.0 for n in DISC_NAMES)
+
+
+def test_bad_deformities_are_refused():
+    with pytest.raises(ValueError, match="wedge"):
+        make_phantom(0, wedge={"S1": 0.3})
+    with pytest.raises(ValueError, match="between"):
+        make_phantom(0, slip={"L4": 1.5})
+    with pytest.raises(ValueError, match="tilt_deg"):
+        make_phantom(0, tilt_deg=45)

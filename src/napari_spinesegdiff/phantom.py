@@ -14,14 +14,24 @@ partial-volume blur, a smooth bias field and Rician noise.  Same seed, same arra
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
 from .io.volume import Volume
+from .phantom_geometry import (
+    Construction,
+    _body_shape,
+    _disc_mask,
+    _normal,
+    _Seg,
+    _tangent,
+    construction_geometry,
+)
 
 Contrast = Literal["T2w", "T1w"]
 
@@ -73,6 +83,19 @@ class Phantom:
     contrast: str
     seed: int
     posterior_elements: Volume | None = None  # uint8 mask of pedicles, laminae and processes
+    construction: Construction | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def geometry(self) -> dict[str, dict[str, float]]:
+        """The measures the phantom was built with, per level (:data:`BODY_NAMES`, :data:`DISC_NAMES`), from
+        its analytic shapes (:func:`.phantom_geometry.construction_geometry`): bodies T12..L5
+        ``height_anterior_mm``, ``height_middle_mm``, ``height_posterior_mm`` (at 10 / 50 / 90 % of the
+        depth, along the column), ``depth_mm`` (across it, through the centre), ``wedge_ratio``,
+        ``biconcavity_ratio``, the canal's ``ap_diameter_mm`` at mid-height and ``slip_percent`` over the body
+        below; discs the heights, depth and the canal's AP diameter; S1 nothing (the sacrum is not measured)."""
+        if self.construction is None:
+            raise ValueError("This phantom carries no construction to measure.")
+        return construction_geometry(self.construction, BODY_NAMES, DISC_NAMES)
 
     def truth(self, vertebrae: str = "whole") -> Volume:
         """The ground truth in the written label scheme (:mod:`labelscheme`): ``"whole"`` = 2 the whole
@@ -91,20 +114,6 @@ class Phantom:
             if lev.name == name:
                 return lev
         raise KeyError(name)
-
-
-@dataclass(frozen=True)
-class _Seg:
-    """A body (or disc) in the mid-sagittal plane: centre (y, z) mm, tangent angle, sizes (mm)."""
-
-    y: float
-    z: float
-    theta: float  # angle of the column axis from straight-down, positive tilting posteriorly
-    h: float
-    a: float
-    w: float
-    x: float  # LR centre (mm from the slab centre)
-    conc: float = 0.0  # endplate concavity (mm) of a body
 
 
 @dataclass(frozen=True)
@@ -135,14 +144,6 @@ class _Grid:
 
 
 # --------------------------------------------------------------------------------------------- layout
-def _tangent(theta: float) -> np.ndarray:
-    return np.array([np.cos(theta), np.sin(theta)])
-
-
-def _normal(theta: float) -> np.ndarray:
-    return np.array([-np.sin(theta), np.cos(theta)])
-
-
 def _choose_degenerated(degenerated: int | Sequence[int | str], rng: np.random.Generator) -> frozenset[int]:
     if isinstance(degenerated, (int, np.integer)):
         n = int(degenerated)
@@ -161,8 +162,14 @@ def _choose_degenerated(degenerated: int | Sequence[int | str], rng: np.random.G
     return frozenset(out)
 
 
-def _layout(rng: np.random.Generator, degen: frozenset[int], fov: tuple[float, float, float]):
-    """Bodies (T12..S3) and discs along a lordotic curve, in mm of the canonical frame."""
+def _layout(rng: np.random.Generator, degen: frozenset[int], fov: tuple[float, float, float],
+            tilt: float = 0.0, wedges: dict[int, float] | None = None, slips: dict[int, float] | None = None):
+    """Bodies (T12..S3) and discs along a lordotic curve, in mm of the canonical frame.
+
+    ``tilt`` (radians) turns the whole column in the sagittal plane; ``wedges`` maps a body's index to its
+    loss of anterior height; ``slips`` a body's index to its forward shift over the body below, as a fraction
+    of that body's depth (the disc between is sheared by half of it).  None of them draws a random number,
+    so the other measures of a phantom stay those of the same seed without them."""
     scale = rng.uniform(0.92, 1.08)
     h = _BODY_H * scale * rng.uniform(0.96, 1.04, _BODY_H.size)
     a = _BODY_A * rng.uniform(0.9, 1.1) * rng.uniform(0.97, 1.03, _BODY_A.size)
@@ -182,6 +189,8 @@ def _layout(rng: np.random.Generator, degen: frozenset[int], fov: tuple[float, f
     a_disc = (a[:-1] + a[1:]) / 2
     inc[:6] = np.minimum(inc[:6], 2 * np.arcsin(np.clip(0.6 * d[:6] / a_disc[:6], 0, 1)))
     theta = theta_top + np.concatenate([[0.0], np.cumsum(inc)])
+    if tilt:
+        theta = theta + tilt
     x0, x_slope = rng.uniform(-1.5, 1.5), rng.uniform(-0.01, 0.01)
 
     centres = [np.zeros(2)]
@@ -191,6 +200,11 @@ def _layout(rng: np.random.Generator, degen: frozenset[int], fov: tuple[float, f
         disc_centres.append(p)
         centres.append(p + _tangent(theta[i + 1]) * (d[i] / 2 + h[i + 1] / 2))
     centres, disc_centres = np.array(centres), np.array(disc_centres)
+    for i, frac in sorted((slips or {}).items()):  # the slipped body and everything above it move forward
+        forward = -_normal(theta[i + 1]) * frac * a[i + 1]
+        centres[:i + 1] += forward
+        disc_centres[:i] += forward
+        disc_centres[i] += forward / 2
 
     # Place T12..S1 in the field of view: centred SI, the lumbar bodies at ~40% of the AP field.
     shift_y = fov[1] / 2 + rng.uniform(-5, 5) - (centres[0, 0] + centres[6, 0]) / 2
@@ -200,8 +214,8 @@ def _layout(rng: np.random.Generator, degen: frozenset[int], fov: tuple[float, f
     disc_centres += shift
 
     conc = rng.uniform(0.8, 2.0, h.size)
-    bodies = [_Seg(c[0], c[1], t, hh, aa, ww, x0 + x_slope * (c[0] - fov[1] / 2), cc)
-              for c, t, hh, aa, ww, cc in zip(centres, theta, h, a, w, conc)]
+    bodies = [_Seg(c[0], c[1], t, hh, aa, ww, x0 + x_slope * (c[0] - fov[1] / 2), cc, (wedges or {}).get(i, 0.0))
+              for i, (c, t, hh, aa, ww, cc) in enumerate(zip(centres, theta, h, a, w, conc))]
     discs = []
     for i, c in enumerate(disc_centres):
         up, lo = bodies[i], bodies[i + 1]
@@ -443,20 +457,6 @@ def _paint_posterior(cv: _Canvas, seg: _Seg, prof_depth: float, prof_width: floa
     cv.paint(rs, cs, bone, value, _POSTERIOR)
 
 
-def _axial_r2(v: np.ndarray, ax: np.ndarray, seg: _Seg, shrink: float = 0.0) -> np.ndarray:
-    """Normalised squared axial radius of a body (ellipse AP, flattened LR), 3-D."""
-    return ((v / (seg.a / 2 - shrink)) ** 2)[None] + ((ax / (seg.w / 2 - shrink)) ** 4)[:, None, None]
-
-
-def _body_shape(u, v, ax, seg: _Seg, shrink: float) -> np.ndarray:
-    """Superellipse body (rounded rectangle sagittally) with concave endplates; <= 1 inside."""
-    r2 = _axial_r2(v, ax, seg, shrink)
-    conc = seg.conc * np.clip(1.0 - r2, 0.0, 1.0)
-    tu = ((np.abs(u)[None] + conc) / (seg.h / 2 - shrink)) ** 2
-    tu2, r4 = tu * tu, r2 * r2
-    return tu2 * tu2 + r4 * r4
-
-
 def _paint_body(cv: _Canvas, seg: _Seg, rng: np.random.Generator) -> None:
     """Cortical rim, endplates, textured marrow and the basivertebral vein of one body (label 2)."""
     g, t = cv.grid, cv.t
@@ -475,8 +475,9 @@ def _paint_body(cv: _Canvas, seg: _Seg, rng: np.random.Generator) -> None:
 
 
 def _paint_disc(cv: _Canvas, seg: _Seg, up: _Seg, lo: _Seg, degenerated: bool, fused: bool,
-                rng: np.random.Generator) -> None:
-    """Lens-shaped disc between two bodies (label 3): annulus and nucleus, or a fused sacral remnant."""
+                rng: np.random.Generator) -> float:
+    """Lens-shaped disc between two bodies (label 3): annulus and nucleus, or a fused sacral remnant.
+    Returns its posterior bulge (mm), drawn here."""
     g, t = cv.grid, cv.t
     r = 0.5 * np.hypot(seg.h + 8.0, seg.a) + 6.0
     rs, cs = g.window(seg.y, seg.z, r, r)
@@ -484,19 +485,11 @@ def _paint_disc(cv: _Canvas, seg: _Seg, up: _Seg, lo: _Seg, degenerated: bool, f
     u1, v1 = g.local(rs, cs, up)
     u2, v2 = g.local(rs, cs, lo)
     ax = np.abs(g.x - seg.x).astype(np.float32)
-    # between the two (concave) endplates; the bodies are painted over any overlap afterwards
-    fill1 = up.conc * np.clip(1.0 - _axial_r2(v1, ax, up), 0.0, 1.0) + 0.4
-    fill2 = lo.conc * np.clip(1.0 - _axial_r2(v2, ax, lo), 0.0, 1.0) + 0.4
-    between = (u1[None] > up.h / 2 - fill1) & (u2[None] < -lo.h / 2 + fill2)
     bulge = rng.uniform(2.5, 4.5) if degenerated else rng.uniform(0.0, 0.8)
-    ha = np.where(v > 0, seg.a / 2 + bulge, seg.a / 2 + 0.3)
-    hw = seg.w / 2 + 0.3 + 0.5 * bulge
-    lens = np.clip(1.0 - 0.3 * (u / (seg.h / 2 + 0.5)) ** 2, 0.2, 1.0)
-    rd2 = ((v / ha) ** 2)[None] + ((ax / hw) ** 4)[:, None, None]
-    disc = between & (rd2 <= lens[None])
+    disc = _disc_mask(u, v, u1, v1, u2, v2, ax, seg, up, lo, bulge)
     if fused:
         cv.paint(rs, cs, disc, t["cortex"] * 2.0, VERTEBRA)
-        return
+        return bulge
     rn2 = _ellipsoid(u, v, ax, 0.0, 0.06 * seg.a, 0.0, max(0.45 * seg.h, 1.2), 0.42 * seg.a, 0.4 * seg.w)
     weight = np.clip((1.0 - rn2) / 0.8, 0.0, 1.0) ** 0.7
     nucleus = t["degen"] if degenerated else t["nucleus"]
@@ -505,6 +498,7 @@ def _paint_disc(cv: _Canvas, seg: _Seg, up: _Seg, lo: _Seg, degenerated: bool, f
     if not degenerated and rng.random() < 0.5:  # intranuclear cleft of the adult disc
         value = np.where((np.abs(u) < 0.6)[None] & (weight > 0.2), value * 0.7, value)
     cv.paint(rs, cs, disc, value, DISC)
+    return bulge
 
 
 def _paint_roots(cv: _Canvas, bodies: list[_Seg], prof: _Profiles, gap: float) -> None:
@@ -533,6 +527,9 @@ def make_phantom(
     bias: float = 0.2,
     random_orientation: bool = False,
     label_posterior_elements: bool = False,
+    tilt_deg: float = 0.0,
+    wedge: Mapping[str, float] | None = None,
+    slip: Mapping[str, float] | None = None,
 ) -> Phantom:
     """Generate a synthetic sagittal lumbar MRI (T12 to the sacrum) with its labels.
 
@@ -541,9 +538,20 @@ def make_phantom(
     :data:`DISC_NAMES`.  ``noise`` is the Rician noise level relative to the brightest tissue, ``bias`` the
     amplitude of the smooth multiplicative bias field.  With ``random_orientation`` the file array is a
     random axis permutation/flip of the canonical one with a matching affine (``canonical()`` is unchanged).
+
+    Known deformities, all off by default (the same seed then gives the same arrays as without them):
+    ``tilt_deg`` turns the whole column in the sagittal plane (positive: its lower end moves posteriorly);
+    ``wedge`` maps bodies T12..L5 to a wedge fracture's loss of anterior height (a fraction 0..0.6 at the
+    anterior wall, none at the posterior wall); ``slip`` maps bodies T12..L5 to a forward slip over the body
+    below (a fraction -0.3..1 of that body's depth; negative: retrolisthesis).  :attr:`Phantom.geometry`
+    gives the measures they produce.
     """
     if contrast not in _TISSUES:
         raise ValueError(f"contrast must be 'T2w' or 'T1w'; got {contrast!r}.")
+    if not -30.0 <= float(tilt_deg) <= 30.0:
+        raise ValueError(f"tilt_deg must be between -30 and 30 degrees; got {tilt_deg}.")
+    wedges = _deformity(wedge, "wedge", 0.0, 0.6)
+    slips = _deformity(slip, "slip", -0.3, 1.0)
     spacing = tuple(float(s) for s in spacing)
     fov = tuple(float(f) for f in fov_mm)
     if min(spacing) <= 0 or min(fov) <= 0:
@@ -558,7 +566,7 @@ def make_phantom(
         spacing=spacing,  # type: ignore[arg-type]
     )
     tissue = {k: v * float(rng.uniform(0.96, 1.04)) for k, v in _TISSUES[contrast].items()}
-    bodies, discs = _layout(rng, degen, fov)  # type: ignore[arg-type]
+    bodies, discs = _layout(rng, degen, fov, np.deg2rad(float(tilt_deg)), wedges, slips)  # type: ignore[arg-type]
     prof = _profiles(rng, grid, bodies, discs)
     gap = prof.gap
     cv = _Canvas(grid, tissue, rng)
@@ -571,8 +579,7 @@ def make_phantom(
                          0 if i < 6 else (1 if i == 6 else 2), rng)
     _paint_canal(cv, prof, bodies)
     _paint_roots(cv, bodies, prof, gap)
-    for i, seg in enumerate(discs):
-        _paint_disc(cv, seg, bodies[i], bodies[i + 1], i in degen, i >= 6, rng)
+    bulges = [_paint_disc(cv, seg, bodies[i], bodies[i + 1], i in degen, i >= 6, rng) for i, seg in enumerate(discs)]
     for seg in bodies:
         _paint_body(cv, seg, rng)
 
@@ -590,7 +597,22 @@ def make_phantom(
     }
     if random_orientation:
         vols = _reorient(vols, np.random.default_rng([seed, 1]))
-    return Phantom(vols["image"], vols["labels"], levels, contrast, seed, vols["posterior"])
+    construction = Construction(tuple(bodies), tuple(discs), tuple(bulges), grid.y.astype(float), prof.z_canal,
+                                prof.half_z, prof.width / 2, prof.x)
+    return Phantom(vols["image"], vols["labels"], levels, contrast, seed, vols["posterior"], construction)
+
+
+def _deformity(spec: Mapping[str, float] | None, what: str, lo: float, hi: float) -> dict[int, float]:
+    """``{"L1": 0.3}`` -> ``{1: 0.3}`` (body index), checked: bodies T12..L5, fractions in ``[lo, hi]``."""
+    out: dict[int, float] = {}
+    for name, frac in (spec or {}).items():
+        if name not in BODY_NAMES[:6]:
+            raise ValueError(f"A {what} applies to one of {', '.join(BODY_NAMES[:6])}; got {name!r}.")
+        if not lo <= float(frac) <= hi:
+            raise ValueError(f"The {what} of {name} must be between {lo} and {hi}; got {frac}.")
+        if frac:
+            out[BODY_NAMES.index(name)] = float(frac)
+    return out
 
 
 def _acquire(img: np.ndarray, rng: np.random.Generator, grid: _Grid, noise: float, bias: float) -> np.ndarray:
