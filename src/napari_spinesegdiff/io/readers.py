@@ -20,6 +20,8 @@ from . import guard
 from .guard import VolumeReadError, check_affine, check_signal
 from .labels import as_label_array, is_integral
 from .limits import physical_size_problem
+from .nifti_header import check_nifti
+from .text_headers import check_metaimage, check_nrrd
 from .volume import Volume
 
 ReadKind = Literal["auto", "image", "labels"]
@@ -192,7 +194,7 @@ def nifti_header_affine(header: Any) -> tuple[np.ndarray, str]:
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     import nibabel as nib
 
-    guard.check_nifti(path)  # header, extensions and data size, before nibabel reads anything
+    check_nifti(path)  # header, extensions and data size, before nibabel reads anything
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # nibabel's notes on odd headers; the checks below decide
@@ -333,7 +335,7 @@ def _detached_data_files(path: Path) -> list[Path]:
     that it counts as part of the source scan; none for attached (``LOCAL``) data or a header that the
     checks refuse."""
     try:
-        facts = guard.check_nrrd(path) if file_suffix(path) in (".nrrd", ".nhdr") else guard.check_metaimage(path)
+        facts = check_nrrd(path) if file_suffix(path) in (".nrrd", ".nhdr") else check_metaimage(path)
     except VolumeReadError:
         return []
     return [f.resolve() for f in facts.data_files]
@@ -362,7 +364,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
     suffix = file_suffix(path)
     nrrd = suffix in (".nrrd", ".nhdr")
-    facts = guard.check_nrrd(path) if nrrd else guard.check_metaimage(path)  # before SimpleITK sees the file
+    facts = check_nrrd(path) if nrrd else check_metaimage(path)  # before SimpleITK sees the file
     _check_shape(tuple(facts.dims), path)
     what = "NRRD" if nrrd else "MetaImage"
     reader = sitk.ImageFileReader()
