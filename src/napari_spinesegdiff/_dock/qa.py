@@ -116,22 +116,21 @@ def _class_components(labels: np.ndarray, unc: np.ndarray, keep: np.ndarray, val
     comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return []
-    flat = comp.ravel()
+    # over the labelled voxels only (a small share of the grid; np.maximum.at over all of it took 0.4 s a class)
+    where = np.flatnonzero(comp)
+    flat = comp.ravel()[where]
     counts = np.bincount(flat, minlength=n + 1)[1:]
-    u = unc.ravel()
+    u = unc.ravel()[where]
     mean_u = np.bincount(flat, weights=u, minlength=n + 1)[1:] / np.maximum(counts, 1)
-    max_u = np.zeros(n + 1, dtype=np.float64)
-    np.maximum.at(max_u, flat, u)
-    zz, yy, xx = np.indices(labels.shape, sparse=True)
-    cen = [np.bincount(flat, weights=np.broadcast_to(g, labels.shape).ravel(), minlength=n + 1)[1:] / counts
-           for g in (zz, yy, xx)]
+    max_u = np.asarray(ndimage.maximum(u, flat, np.arange(1, n + 1)), dtype=np.float64)
+    cen = [np.bincount(flat, weights=g, minlength=n + 1)[1:] / counts for g in np.unravel_index(where, labels.shape)]
     ranges = ndimage.find_objects(comp)
     order = np.argsort(cen[1], kind="stable")  # superior (small row) first
     level = np.empty(n, dtype=int)
     level[order] = np.arange(1, n + 1)
     return [
         Structure(value, name, int(level[i]), int(counts[i]), float(counts[i] * vml), float(mean_u[i]),
-                  float(max_u[i + 1]), (float(cen[0][i]), float(cen[1][i]), float(cen[2][i])),
+                  float(max_u[i]), (float(cen[0][i]), float(cen[1][i]), float(cen[2][i])),
                   (int(ranges[i][0].start), int(ranges[i][0].stop - 1)))
         for i in range(n)
     ]
