@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
 
 from .export import Exporter
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     import napari
 
 SEGMENT_TAB, REVIEW_TAB, QUEUE_TAB = 0, 1, 2
+#: how long the settings must rest before the models they need are prepared (a few changes in a row: one preload)
+PRELOAD_DELAY_MS = 300
 
 
 class SpineSegDiffWidget(QWidget):
@@ -48,6 +51,8 @@ class SpineSegDiffWidget(QWidget):
         self.run_finished = self.state.run_finished
         #: Emitted when the QA tables have been refilled.
         self.qa_updated = self.review.qa_updated
+        #: Emitted when a preload has the models of the Segment tab's settings ready.
+        self.models_ready = self.state.models_ready
 
         self.tabs = QTabWidget()
         self.tabs.addTab(self.segment, "Segment")
@@ -69,6 +74,16 @@ class SpineSegDiffWidget(QWidget):
         self.state.progress_changed.connect(self.progress.set_progress)
         self.state.result_ready.connect(lambda: self.tabs.setCurrentIndex(REVIEW_TAB))
 
+        # the models (and their first run on the chosen scan) are prepared in a thread as soon as the dock opens
+        # and again when a setting they depend on changes, so that the first Run does not wait for them
+        self._preload_timer = QTimer(self)
+        self._preload_timer.setSingleShot(True)
+        self._preload_timer.timeout.connect(self.preload)
+        s = self.segment
+        for control in (s.image, s.checkpoint, s.prior, s.device, s.slice_mode, s.batch_slices, s.ensemble):
+            control.changed.connect(lambda _value=None: self._preload_timer.start(PRELOAD_DELAY_MS))
+        self._preload_timer.start(0)  # at the next turn of the event loop, once the dock is shown
+
     @property
     def is_running(self) -> bool:
         return self.state.is_running
@@ -81,6 +96,15 @@ class SpineSegDiffWidget(QWidget):
         if request is None:
             return None
         return self.controller.start(request)
+
+    def preload(self, _value=None):
+        """Prepare the models of the Segment tab's settings in a thread (loaded, then run once on the chosen scan):
+        the run controller's preload; returns its worker (``None`` when there is nothing new to prepare)."""
+        self._preload_timer.stop()
+        job = self.segment.preload_request()
+        if job is None or self.state.is_running:
+            return None
+        return self.controller.preload(*job)
 
     def cancel(self, _value=None) -> None:
         """Stop the run at its next denoising step."""

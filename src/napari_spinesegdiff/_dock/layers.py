@@ -163,6 +163,15 @@ class ResultLayers:
         ]
         return stages
 
+    def qa_inputs(self) -> tuple | None:
+        """The arguments of :func:`.worker.qa_in_thread` for the result layers as they are now (a copy of the
+        labels, edits included, so painting during the computation is safe); ``None`` without both layers."""
+        labels, unc = self.find(LABELS_NAME), self.find(UNCERTAINTY_NAME)
+        if labels is None or unc is None or labels.data.shape != unc.data.shape:
+            return None
+        return (np.array(labels.data, copy=True), np.asarray(unc.data), tuple(labels.scale),
+                dict(self.state.label_names), sorted(self.state.segmented))
+
     def put_labels(self, labels: np.ndarray, names: dict[int, str], geometry: dict, meta: dict) -> None:
         import pandas as pd
 

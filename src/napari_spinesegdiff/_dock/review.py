@@ -1,13 +1,12 @@
 """The Review panel: the structure and slice tables (most uncertain first; a click moves the viewer there),
 the threshold slider of the ``uncertain boundary`` overlay, and the Refresh / Export buttons.
 
-The tables are computed in a thread from a copy of the labels (edits included) whenever a run's result is
-ready or Refresh is pressed.
+The tables are computed in a thread from a copy of the labels (edits included): by the run controller when a
+run's result arrives (``state.qa_ready``; the run ends once they are filled) and here when Refresh is pressed.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -21,7 +20,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .layers import LABELS_NAME, OUTPUT_KEY, OVERLAY_NAME, UNCERTAINTY_NAME, ResultLayers, geometry_of
+from .layers import OUTPUT_KEY, OVERLAY_NAME, UNCERTAINTY_NAME, ResultLayers, geometry_of
 from .navigation import go_to
 from .qa import MAX_UNCERTAINTY, uncertain_mask
 from .state import RunState
@@ -80,7 +79,7 @@ class ReviewPanel(QWidget):
         self.qa_worker = None
         self._build()
         state.result_changed.connect(self.update_overlay)
-        state.result_ready.connect(self.refresh_qa)
+        state.qa_ready.connect(self._fill_tables)
         state.status_changed.connect(self._on_status)
 
     def _build(self) -> None:
@@ -159,12 +158,10 @@ class ReviewPanel(QWidget):
         """Recompute the structure and slice tables in a thread (from a copy of the current labels)."""
         from napari.qt.threading import create_worker
 
-        labels, unc = self.layers.find(LABELS_NAME), self.layers.find(UNCERTAINTY_NAME)
-        if labels is None or unc is None or labels.data.shape != unc.data.shape:
+        inputs = self.layers.qa_inputs()
+        if inputs is None:
             return
-        worker = create_worker(qa_in_thread, np.array(labels.data, copy=True), np.asarray(unc.data),
-                               tuple(labels.scale), dict(self.state.label_names), sorted(self.state.segmented),
-                               _start_thread=False)
+        worker = create_worker(qa_in_thread, *inputs, _start_thread=False)
         worker.returned.connect(self._fill_tables)
         self.qa_worker = worker
         worker.start()

@@ -10,6 +10,11 @@ scrubbed.  The worker converts each step to uint8 before handing it over, so the
 slice assignment and a refresh.
 Cancel stops at the next denoising step: no result layer is added or changed, and the partial estimate is
 cleared from the (hidden) ``denoising`` canvas.
+
+Before any Run, :meth:`RunController.preload` loads the models of the Segment tab's settings in a thread and runs
+them once on the chosen scan, so the first Run of a session starts as fast as a later one; the run's worker
+takes the same lock and reuses them.  A completed run ends ("Done", ``run_finished``) only when the Review
+tab's QA tables are filled too: they are computed in a thread while the last result layers are drawn.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from typing import Callable
 import numpy as np
 from qtpy.QtCore import QObject, QTimer
 
+from ..config import SegmentationConfig, parse_slices
+from ..io.volume import Volume
 from .layers import ResultLayers
 from .navigation import jump_into_run
 from .qa import frame_slot, streamed_steps
 from .state import CANCELLING, ActiveRun, RunRequest, RunState
-from .worker import StreamFrame, segment_in_thread
+from .worker import StreamFrame, preload_in_thread, qa_in_thread, segment_in_thread
 
 
 #: least time between two updates of the status line (the step and seconds) during a run
@@ -93,6 +100,50 @@ class RunController(QObject):
         self._redraw_timer = QTimer(self)  # a deferred redraw of the latest step, when one was held back
         self._redraw_timer.setSingleShot(True)
         self._redraw_timer.timeout.connect(self._redraw_live)
+        self.qa_worker = None  # the QA tables of the run's result, being computed
+        self._ending: str | None = None  # the outcome of a run that waits for its QA tables
+        self._shown = None  # (run, result) whose result layers are shown, until the run ends
+        self._preload_key: tuple | None = None  # what the latest preload was asked to prepare
+        self._preloads = 0  # preloads in flight
+
+    def preload(self, config: SegmentationConfig, volume: Volume | None, scan_name: str = "the scan"):
+        """Load the models of ``config`` in a thread worker and run them once on ``volume``
+        (:func:`.worker.preload_in_thread`); the status line says so.  Returns the worker, or ``None`` while a
+        run is going or when the same preparation was asked for last."""
+        from napari.qt.threading import create_worker
+
+        first = 0  # slices in the first batch (the shapes the warm-up runs)
+        if volume is not None:
+            try:
+                first = len(parse_slices(config.slices, volume.orientation.canonical_shape[0])[: config.batch_slices])
+            except ValueError:  # slices the scan does not have (the Run says so): the models only
+                volume = None
+        key = (config.checkpoint, config.baseline_checkpoint, config.device, config.engine, config.prior,
+               None if volume is None else tuple(volume.shape), first, config.ensemble)
+        if self.worker is not None or key == self._preload_key:
+            return None
+        self._preload_key = key
+        self._preloads += 1
+        self.state.say(f"Preparing the model for {scan_name} ..." if volume is not None else "Loading the model ...")
+        worker = create_worker(preload_in_thread, config, volume, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(self._on_preloaded)
+        worker.errored.connect(self._on_preload_error)
+        worker.finished.connect(self._on_preload_finished)
+        worker.start()
+        return worker
+
+    def _on_preloaded(self, device_message: str) -> None:
+        if self.worker is None and self._preloads == 1:  # a run or a later preload says its own
+            self.state.say(f"Model ready. {device_message} Press Run.")
+        self.state.models_ready.emit()
+
+    def _on_preload_error(self, exc: Exception) -> None:
+        self._preload_key = None  # asked again, it is tried again
+        if self.worker is None and self._preloads == 1:  # one sentence; the Run refuses with it too
+            self.state.say(f"The model could not be prepared: {exc}")
+
+    def _on_preload_finished(self) -> None:
+        self._preloads -= 1
 
     def start(self, request: RunRequest):
         """Start a run in a thread worker; returns the worker (``None`` while another run is going)."""
@@ -187,15 +238,29 @@ class RunController(QObject):
         if run is None or run.cancelled:
             return
         run.completed = True
-        self.scheduler.schedule(*self.layers.result_stages(run, result), self.state.result_changed.emit,
-                                lambda: self._result_shown(run, result))
+        self._shown = (run, result)
+        self.scheduler.schedule(*self.layers.result_stages(run, result), self._start_qa,
+                                self.state.result_changed.emit, self.layers.show_result)
 
-    def _result_shown(self, run: ActiveRun, res) -> None:
-        self.layers.show_result()
-        secs = time.perf_counter() - run.started
-        self.state.say(f"Done in {secs:.1f} s: {len(res.slices)} slices, {self.state.stream_updates} streamed "
-                       f"steps on {res.provenance.get('device', '?')}.")
-        self.state.result_ready.emit()
+    def _start_qa(self) -> None:
+        """The QA tables of the result layers just put, computed in a thread while the overlay is drawn; the
+        Review panel fills them from ``state.qa_ready``, and the run ends after that (:meth:`_end_run`)."""
+        from napari.qt.threading import create_worker
+
+        inputs = self.layers.qa_inputs()
+        if inputs is None:
+            return
+        worker = create_worker(qa_in_thread, *inputs, _start_thread=False)
+        worker.returned.connect(self.state.qa_ready.emit)
+        worker.finished.connect(self._on_qa_finished)
+        self.qa_worker = worker
+        worker.start()
+
+    def _on_qa_finished(self) -> None:
+        self.qa_worker = None
+        if self._ending is not None:
+            outcome, self._ending = self._ending, None
+            self._end_run(outcome)
 
     def _on_error(self, exc: Exception) -> None:
         from napari.utils.notifications import show_error
@@ -219,5 +284,16 @@ class RunController(QObject):
         self.scheduler.schedule(lambda: self._end_run(outcome))  # after the result stages
 
     def _end_run(self, outcome: str) -> None:
+        """After the result stages, once the QA tables are filled too: "Done", the Review tab, ``run_finished``."""
+        if self.qa_worker is not None:  # the tables are still being computed: _on_qa_finished ends the run
+            self._ending = outcome
+            return
+        shown, self._shown = self._shown, None
+        if outcome == "done" and shown is not None:
+            run, res = shown
+            secs = time.perf_counter() - run.started
+            self.state.say(f"Done in {secs:.1f} s: {len(res.slices)} slices, {self.state.stream_updates} streamed "
+                           f"steps on {res.provenance.get('device', '?')}.")
+            self.state.result_ready.emit()
         self.worker = None
         self.state.finish(outcome)

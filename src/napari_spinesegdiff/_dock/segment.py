@@ -17,6 +17,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, LineEd
 from qtpy.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
 
 from ..config import SegmentationConfig
+from ..io.volume import Volume
 from .layers import OUTPUT_KEY, OVERLAY_NAME, layer_volume
 from .navigation import current_slice
 from .state import RunRequest, RunState
@@ -256,6 +257,19 @@ class SegmentPanel(QWidget):
             slices=self.slices_spec(), batch_slices=self.batch_slices.value,
             prior=prior if isinstance(prior, str) else "labels", vertebrae=self.vertebrae.value,
         )
+
+    def preload_request(self) -> tuple[SegmentationConfig, Volume, str] | None:
+        """What to prepare before a Run (the run controller's preload): the configuration from the controls, the
+        chosen scan's pipeline input and its name; ``None`` without a scan or with controls that make no valid
+        configuration (the Run refuses those with a sentence)."""
+        image = self.image.value
+        if image is None:
+            return None
+        try:
+            config = self.build_config()
+        except ValueError:
+            return None
+        return config, layer_volume(image), image.name
 
     def request(self) -> RunRequest | None:
         """The checked run request from the form, with the settings saved; ``None`` (and a refusal on the

@@ -83,8 +83,12 @@ class RunState(QObject):
     run_finished = Signal(str)
     #: The result layers now hold a new (or merged) result: redraw what derives from them (the overlay).
     result_changed = Signal()
-    #: A run's result is fully shown: time to review it (tables, the Review tab).
+    #: A run's result is fully shown, its QA tables filled: time to review it (the Review tab).
     result_ready = Signal()
+    #: The QA tables of a run's result were computed in a thread: (structures, slices) for the Review panel.
+    qa_ready = Signal(object)
+    #: A preload finished: the models of the Segment tab's settings are loaded (and were run once on the scan).
+    models_ready = Signal()
 
     def __init__(self, viewer, parent: QObject | None = None):
         super().__init__(parent)

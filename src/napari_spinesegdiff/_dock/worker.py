@@ -1,10 +1,12 @@
-"""What runs in the dock's worker threads: the pipeline generator (each step inside
-``torch.inference_mode()``), each streamed step reduced to uint8 before it crosses to the GUI thread, and
-the QA tables.  No Qt here; torch is imported only inside the functions.
+"""What runs in the dock's worker threads: the preload of the models (loaded, then run once on the chosen
+scan), the pipeline generator (each step inside ``torch.inference_mode()``), each streamed step reduced to
+uint8 before it crosses to the GUI thread, and the QA tables.  No Qt here; torch is imported only inside the
+functions.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,11 +31,25 @@ class StreamFrame:
     max_uncertainty: float
 
 
+#: One model load or warm-up at a time in this process.  A run that starts while the dock preloads waits here for
+#: the preload and then finds its models in ``pipeline.load_models``'s cache, instead of loading them beside it.
+_MODELS_LOCK = threading.Lock()
+#: what :func:`warm_up` has run once: (models, scan shape, slices in a batch, ensemble)
+_WARMED: set[tuple] = set()
+
+
 def import_model_code() -> None:
-    """Import torch, the CPU inference engine and the model code when the dock opens (about a second, once per session).
+    """Import torch, the CPU inference engine and the model code when the dock opens (about a second, once per
+    session), then collect garbage once.
 
     Done on the GUI thread on purpose: a first import inside the worker holds the interpreter lock for
-    long stretches and stalled the GUI by ~200 ms at the start of the first run."""
+    long stretches and stalled the GUI by ~200 ms at the start of the first run.  The collection: CPython starts
+    a full collection when the objects that survived since the last one reach a quarter of those that survived
+    it; right after these imports that was the whole heap they made, so full collections came during the first
+    run, from whichever thread allocated, holding the interpreter lock (up to 0.6 s on a busy two-core machine,
+    ``benchmarks/bench_live_view.py``; 4 ms in a second run).  Collected here, inside the dock's opening, the
+    next full collection waits until the heap has grown by a quarter."""
+    import gc
     import importlib
 
     import pandas  # noqa: F401 - the result stages' label features
@@ -47,6 +63,67 @@ def import_model_code() -> None:
     runtime = engine.resolve_engine("auto", "cpu")
     if runtime != "torch":
         importlib.import_module(runtime)
+    gc.collect()
+
+
+def shared_models(config: SegmentationConfig):
+    """The models of ``config`` (``pipeline.load_models``, cached per process), loaded under the process's model
+    lock: a run waits for a preload of the same models instead of loading them a second time."""
+    import torch
+
+    from ..pipeline import load_models
+
+    with _MODELS_LOCK, torch.inference_mode():
+        return load_models(config)
+
+
+def warm_up(volume: Volume, config: SegmentationConfig, models) -> bool:
+    """Run the first batch of ``config``'s slices of ``volume`` through its presegmentation and first denoising
+    step, and drop the result; ``False`` when nothing was run (done before, or a labels prior).
+
+    A process's first pass through the pipeline is slower than the next (the networks' first calls at an input
+    shape, OpenVINO preparing its kernels for it; arrays touched for the first time): done here, before Run, the
+    first run does not pay for it.  Results do not change: the run seeds its own noise."""
+    import torch
+
+    from ..config import parse_slices
+    from ..pipeline import StepUpdate, segment
+
+    if config.prior not in ("baseline", "none"):
+        return False
+    chosen = parse_slices(config.slices, volume.orientation.canonical_shape[0])
+    first = chosen[: config.batch_slices]
+    key = (id(models), tuple(volume.shape), len(first), config.ensemble)
+    if key in _WARMED:
+        return False
+    gen = segment(volume, config.replace(slices=f"{first.start}:{first.stop}"), stream_every=1, models=models)
+    try:
+        with torch.inference_mode():
+            for ev in gen:
+                if isinstance(ev, StepUpdate) and ev.step >= 1:
+                    break
+    finally:
+        gen.close()
+    _WARMED.add(key)
+    return True
+
+
+def preload_in_thread(config: SegmentationConfig, volume: Volume | None) -> str:
+    """Worker: load the models of ``config`` and, with ``volume``, run them once on it (:func:`warm_up`), under
+    the model lock; returns the device message (what the run will use)."""
+    import torch
+
+    from ..pipeline import SegmentationError, load_models
+
+    try:
+        with _MODELS_LOCK:
+            with torch.inference_mode():
+                models = load_models(config)
+            if volume is not None:
+                warm_up(volume, config, models)
+    except RuntimeError as exc:  # superqt swallows RuntimeError as "worker deleted": re-raise as a sentence
+        raise SegmentationError(str(exc)) from exc
+    return models.device_message
 
 
 def structure_view(probabilities: np.ndarray, class_names) -> np.ndarray:
@@ -66,11 +143,10 @@ def segment_in_thread(volume: Volume, config: SegmentationConfig, prior: np.ndar
     """Worker generator: yields ``Progress`` and :class:`StreamFrame`; returns the ``SegmentationResult``."""
     import torch
 
-    from ..pipeline import SegmentationError, StepUpdate, load_models, segment
+    from ..pipeline import SegmentationError, StepUpdate, segment
 
     try:
-        with torch.inference_mode():
-            models = load_models(config)
+        models = shared_models(config)
         class_names = list(models.diffusion_config.class_names)
         gen = segment(volume, config, prior_labels=prior, stream_every=stream_every, models=models)
         run.pipeline_gen = gen
