@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from napari_spinesegdiff.model.baseline import BaselineNet, predict_prior
-from napari_spinesegdiff.model.device import resolve_device
+from napari_spinesegdiff.model.device import DeviceError, resolve_device
 from napari_spinesegdiff.model.network import PRESETS, NetworkConfig, SpineSegDiffNet, timestep_embedding
 
 torch.set_num_threads(1)
@@ -115,7 +115,7 @@ def test_resolve_device() -> None:
     expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     assert auto.type == expected and msg.endswith(".")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="cuda"):
+        with pytest.raises(DeviceError, match="cuda"):
             resolve_device("cuda")
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceError):
         resolve_device("tpu")

@@ -13,7 +13,7 @@ from .checkpoint import (
     read_config,
     save_checkpoint,
 )
-from .device import resolve_device
+from .device import DeviceError, resolve_device
 from .diffusion import CosineSchedule, schedule_from_dict
 from .network import (
     PRESETS,
@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointConfig",
     "CheckpointError",
     "CosineSchedule",
+    "DeviceError",
     "NetworkConfig",
     "SampleResult",
     "SpineSegDiffNet",

@@ -5,15 +5,27 @@ from __future__ import annotations
 import torch
 
 
+class DeviceError(ValueError):
+    """A device that cannot be used on this machine; the message is one sentence (the CLI exits 2 with it)."""
+
+
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
 
+def _cuda_missing() -> str:
+    """Why ``cuda`` cannot be used: a PyTorch built without CUDA, or no GPU that this process can see."""
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support (a CPU-only build)"
+    return "PyTorch finds no CUDA GPU on this machine (no GPU, no driver, or CUDA_VISIBLE_DEVICES hides it)"
+
+
 def resolve_device(name: str = "auto") -> tuple[torch.device, str]:
     """``"auto"`` (cuda, then mps, then cpu) | ``"cpu"`` | ``"cuda"`` | ``"mps"`` -> (device, sentence).
 
-    Asking for an accelerator that is not available raises ``RuntimeError`` with one sentence.
+    An accelerator that is not available, or a name that is none of these, raises :class:`DeviceError`
+    with one sentence, before any model is built.
     """
     name = (name or "auto").strip().lower()
     if name == "auto":
@@ -26,17 +38,14 @@ def resolve_device(name: str = "auto") -> tuple[torch.device, str]:
         return torch.device("cpu"), "Using the CPU."
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(
-                "Device 'cuda' was requested but this PyTorch build sees no CUDA GPU; use 'cpu' or 'auto'."
-            )
+            raise DeviceError(f"Device cuda was asked for, but {_cuda_missing()}; use device cpu or auto.")
         return torch.device("cuda"), f"Using the GPU ({torch.cuda.get_device_name(0)})."
     if name == "mps":
         if not _mps_available():
-            raise RuntimeError(
-                "Device 'mps' was requested but no Apple GPU (mps) is available; use 'cpu' or 'auto'."
-            )
+            raise DeviceError("Device mps was asked for, but no Apple GPU (mps) is available here; use device cpu "
+                              "or auto.")
         return torch.device("mps"), "Using the Apple GPU (mps)."
-    raise ValueError(f"device must be auto, cpu, cuda or mps, got {name!r}.")
+    raise DeviceError(f"Device must be auto, cpu, cuda or mps, not {name!r}.")
 
 
 #: glibc ``mallopt`` parameters (malloc.h) and the values CPU inference runs with: keep freed memory in the
