@@ -249,6 +249,15 @@ def _traps(case: Case, rng: random.Random) -> None:
     case.folders.append("folder.raw")
 
 
+def _place(case: Case, header: bytes, body: bytes, data_name: str | None) -> None:
+    """The case's header file, with the voxel data after it or, given ``data_name``, in that detached file."""
+    if data_name is None:
+        case.files[case.target] = header + body
+    else:
+        case.files[case.target] = header
+        case.files[data_name] = body
+
+
 def _mutate_fields(rng: random.Random, fields: list[list[str]], values: dict[str, list], sep: str) -> str:
     """Mutate a list of ``[key, value]`` header fields in place; return what was done."""
     r = rng.random()
@@ -347,11 +356,7 @@ def metaimage_case(rng: random.Random, index: int) -> Case:
     header = ("\n".join(lines) + "\n").encode("latin-1", "replace")
     case = Case(name=stem, target=stem + ext)
     _traps(case, rng)
-    if detached:
-        case.files[stem + ext] = header
-        case.files[data_name] = body
-    else:
-        case.files[stem + ext] = header + body
+    _place(case, header, body, data_name if detached else None)
     case.note = f"metaimage {ext}{' compressed' if compressed else ''}: " + ", ".join(notes)
     return case
 
@@ -417,12 +422,7 @@ def nrrd_case(rng: random.Random, index: int) -> Case:
         header += "\n"
     case = Case(name=stem, target=stem + ext)
     _traps(case, rng)
-    header_bytes = header.encode("latin-1", "replace")
-    if detached:
-        case.files[stem + ext] = header_bytes
-        case.files[data_name] = body
-    else:
-        case.files[stem + ext] = header_bytes + body
+    _place(case, header.encode("latin-1", "replace"), body, data_name if detached else None)
     case.note = f"nrrd {ext} {encoding}: " + ", ".join(notes)
     return case
 
