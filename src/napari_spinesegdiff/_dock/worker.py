@@ -34,6 +34,8 @@ class StreamFrame:
 #: One model load or warm-up at a time in this process.  A run that starts while the dock preloads waits here for
 #: the preload and then finds its models in ``pipeline.load_models``'s cache, instead of loading them beside it.
 _MODELS_LOCK = threading.Lock()
+#: set while a run waits for the model lock: a warm-up holding it stops at its next step
+_RUN_WAITING = threading.Event()
 #: what :func:`warm_up` has run once: (models, scan shape, slices in a batch, ensemble)
 _WARMED: set[tuple] = set()
 
@@ -73,13 +75,18 @@ def shared_models(config: SegmentationConfig):
 
     from ..pipeline import load_models
 
-    with _MODELS_LOCK, torch.inference_mode():
-        return load_models(config)
+    _RUN_WAITING.set()
+    try:
+        with _MODELS_LOCK, torch.inference_mode():
+            return load_models(config)
+    finally:
+        _RUN_WAITING.clear()
 
 
 def warm_up(volume: Volume, config: SegmentationConfig, models) -> bool:
     """Run the first batch of ``config``'s slices of ``volume`` through its presegmentation and first denoising
-    step, and drop the result; ``False`` when nothing was run (done before, or a labels prior).
+    step, and drop the result; ``True`` when it ran to the end (not done before, no labels prior, and no run
+    waiting for the model lock: that one stops it at its next step).
 
     A process's first pass through the pipeline is slower than the next (the networks' first calls at an input
     shape, OpenVINO preparing its kernels for it; arrays touched for the first time): done here, before Run, the
@@ -94,12 +101,14 @@ def warm_up(volume: Volume, config: SegmentationConfig, models) -> bool:
     chosen = parse_slices(config.slices, volume.orientation.canonical_shape[0])
     first = chosen[: config.batch_slices]
     key = (id(models), tuple(volume.shape), len(first), config.ensemble)
-    if key in _WARMED:
+    if key in _WARMED or _RUN_WAITING.is_set():
         return False
     gen = segment(volume, config.replace(slices=f"{first.start}:{first.stop}"), stream_every=1, models=models)
     try:
         with torch.inference_mode():
             for ev in gen:
+                if _RUN_WAITING.is_set():
+                    return False
                 if isinstance(ev, StepUpdate) and ev.step >= 1:
                     break
     finally:
