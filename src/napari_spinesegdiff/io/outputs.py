@@ -215,6 +215,14 @@ class OutputSet:
         os.chmod(tmp, 0o644)
         return path
 
+    def add_bytes(self, path: str | Path, data: bytes) -> Path:
+        """Write ``data`` for ``path`` (a table, any binary file) into a temporary; return ``path``."""
+        path = Path(path)
+        tmp = self._stage(path)
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+        return path
+
     @property
     def targets(self) -> list[Path]:
         return [t for _, t in self._staged]
