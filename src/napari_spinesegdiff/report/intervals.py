@@ -7,13 +7,16 @@ structure.  The members' spread ``s`` (their standard deviation) gives the inter
 
     value +- k (s + f)
 
-where ``f``, the floor, is the median spread of that kind of measurement on the validation cases (members can
-agree to within a voxel's staircase), and ``k`` a split-conformal scale factor fitted on them: the
-``ceil((n + 1) 0.9)``-th smallest of ``|final - manual| / (s + f)`` over the ``n`` validation structures, so
-that about 90 % of intervals hold the value of the manual labels (:func:`fit_calibration`,
-``scripts/calibrate_intervals.py``; stored in ``calibration.json`` beside this module).  A kind is
-``<structure>:<measure>`` (``disc:height_middle_mm``); kinds with fewer than :data:`MIN_CALIBRATION`
-validation structures take the factor of all the structure's measures of the same unit together.
+where ``f``, the floor, is the median spread of that kind of measurement on the validation cases, at least
+the measurement's resolution (:data:`RESOLUTION`: half a voxel of the 0.47 mm validation slabs; the members
+often agree to within less than that, so their spread alone would make some intervals vanish), and ``k`` a
+split-conformal scale factor fitted on them: the ``ceil((n + 1) 0.9)``-th smallest of
+``|final - manual| / (s + f)`` over the ``n`` validation structures, so that about 90 % of intervals hold the
+value of the manual labels (:func:`fit_calibration`, ``scripts/calibrate_intervals.py``; stored in
+``calibration.json`` beside this module).  A kind is ``<structure>:<measure>`` (``disc:height_middle_mm``);
+the three heights of a structure share one factor (three times the validation structures), and kinds with
+fewer than :data:`MIN_CALIBRATION` validation structures take the factor of all the structure's measures of
+the same unit together.
 
 A measurement that fewer than half of the members could take, or whose spread is over
 :data:`UNCERTAIN_SPREAD` (the members disagree by more than a disc's margin), is too uncertain: its value is
@@ -37,6 +40,8 @@ COVERAGE = 0.9
 MIN_CALIBRATION = 10
 #: Spread (standard deviation over the members) above which a measurement is too uncertain, by unit.
 UNCERTAIN_SPREAD = {"mm": 1.5, "ratio": 0.1, "percent": 5.0}
+#: The smallest floor of an interval, by unit: half a 0.47 mm voxel, and what that moves a ratio and a slip.
+RESOLUTION = {"mm": 0.235, "ratio": 0.01, "percent": 1.0}
 
 
 def unit_of(measure: str) -> str:
@@ -45,6 +50,12 @@ def unit_of(measure: str) -> str:
 
 def kind_of(structure: str, measure: str) -> str:
     return f"{structure}:{measure}"
+
+
+def factor_group(kind: str) -> str:
+    """The kinds that share a conformal factor: a structure's three heights, every other kind on its own."""
+    structure, measure = kind.split(":", 1)
+    return f"{structure}:height" if measure.startswith("height_") else kind
 
 
 @dataclass(frozen=True)
@@ -139,29 +150,28 @@ def conformal_factor(scores: Sequence[float], coverage: float = COVERAGE) -> flo
 def fit_calibration(records: Sequence[dict[str, Any]], coverage: float = COVERAGE,
                     source: dict[str, Any] | None = None) -> Calibration:
     """``records``: one per (validation structure, measurement) with ``kind``, ``final``, ``manual`` and
-    ``spread`` (the members' standard deviation).  The floor of a kind is its median spread; its factor the
-    conformal quantile of ``|final - manual| / (spread + floor)``; kinds with too few records take the pooled
-    factor of their structure and unit."""
+    ``spread`` (the members' standard deviation).  The floor of a kind is its median spread, at least its
+    :data:`RESOLUTION`; its factor the conformal quantile of ``|final - manual| / (spread + floor)`` over its
+    :func:`factor_group`; groups with too few records take the pooled factor of their structure and unit."""
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         if all(np.isfinite([r["final"], r["manual"], r["spread"]])):
             by_kind.setdefault(r["kind"], []).append(r)
-    floors = {k: max(float(np.median([r["spread"] for r in rs])), 1e-3) for k, rs in by_kind.items()}
-
-    def scores(rs, k):
-        return [abs(r["final"] - r["manual"]) / (r["spread"] + floors[k]) for r in rs]
-
+    floors = {k: max(float(np.median([r["spread"] for r in rs])), RESOLUTION[unit_of(k)])
+              for k, rs in by_kind.items()}
+    groups: dict[str, list[float]] = {}
     pooled: dict[str, list[float]] = {}
     for k, rs in by_kind.items():
-        structure, measure = k.split(":", 1)
-        pooled.setdefault(f"{structure}:{unit_of(measure)}", []).extend(scores(rs, k))
+        scores = [abs(r["final"] - r["manual"]) / (r["spread"] + floors[k]) for r in rs]
+        groups.setdefault(factor_group(k), []).extend(scores)
+        pooled.setdefault(f"{k.split(':', 1)[0]}:{unit_of(k)}", []).extend(scores)
     factors, counts = {}, {}
     for k, rs in by_kind.items():
-        structure, measure = k.split(":", 1)
-        group = f"{structure}:{unit_of(measure)}"
-        own = len(rs) >= MIN_CALIBRATION
-        factors[k] = conformal_factor(scores(rs, k) if own else pooled[group], coverage)
-        counts[k] = {"n": len(rs), "factor_from": k if own else group}
+        group = factor_group(k)
+        if len(groups[group]) < MIN_CALIBRATION:
+            group = f"{k.split(':', 1)[0]}:{unit_of(k)}"
+        factors[k] = conformal_factor(groups[group] if group in groups else pooled[group], coverage)
+        counts[k] = {"n": len(rs), "factor_from": group}
     info = dict(source or {})
     info["counts"] = counts
     return Calibration(coverage, factors, floors, info)
