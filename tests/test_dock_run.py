@@ -32,6 +32,7 @@ from napari_spinesegdiff._dock.layers import (
     written_label_names,
 )
 from napari_spinesegdiff.labelscheme import CHANNELS, CHANNELS_V3
+from napari_spinesegdiff.model.device import DeviceError, resolve_device
 
 
 def test_run_makes_layers_on_the_image_grid_and_streams_each_requested_step(qtbot, phantom_viewer):
@@ -148,7 +149,11 @@ def test_unavailable_device_fails_with_the_core_sentence(qtbot, phantom_viewer):
     with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:
         w.run()
     assert blocker.args[0] == "failed"
-    assert "Device 'cuda' was requested" in w.status.text()
+    with pytest.raises(DeviceError) as raised:
+        resolve_device("cuda")
+    sentence = str(raised.value)
+    assert sentence.startswith("Device cuda was asked for, but ") and sentence.endswith("; use device cpu or auto.")
+    assert sentence in w.status.text()
     assert LABELS_NAME not in viewer.layers
     assert DENOISING_NAME not in viewer.layers or not viewer.layers[DENOISING_NAME].visible
     assert w.segment.run_button.enabled and not w.is_running
