@@ -72,6 +72,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--slices", default="all", help="all | mid | A:B (canonical left-right slice indices)")
     p.add_argument("--batch-slices", type=int, default=4, help="slices denoised together (memory)")
     p.add_argument("--truth", type=Path, help="ground-truth labels: print Dice per class")
+    p.add_argument("--instances", type=Path,
+                   help="write the instance map here (scan's geometry, SPIDER's values: canal 100, vertebrae "
+                        "from L5 = 1 upward, sacrum 25, discs from L5-S1 = 201 upward)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_segment)
 
@@ -142,6 +145,8 @@ def _segment_outputs(args, class_names=None) -> dict[str, Path]:
     outputs = {"labels": args.output, "sidecar JSON": _sidecar(args.output)}
     if args.uncertainty is not None:
         outputs["uncertainty map"] = args.uncertainty
+    if getattr(args, "instances", None) is not None:
+        outputs["instance map"] = args.instances
     if args.probabilities is not None:
         if class_names is None:
             outputs["probabilities"] = args.probabilities
@@ -234,6 +239,15 @@ def cmd_segment(args) -> int:
                         path = _suffixed(args.probabilities, name.replace(" ", "_"))
                         written[f"probability {name}"] = str(out.add_volume(vol.data, path, like=volume,
                                                                             kind="image", produced_by=prov))
+                if args.instances is not None:
+                    from .report.instances import find_instances
+
+                    instances = find_instances(result.canonical_labels, result.labels.orientation.canonical_spacing,
+                                               vertebrae=cfg.vertebrae)
+                    prov["levels_anchor"], prov["levels_flags"] = instances.anchor, list(instances.flags)
+                    written["instances"] = str(out.add_volume(
+                        volume.with_canonical(instances.canonical, kind="labels").data, args.instances,
+                        like=volume, kind="labels", produced_by=prov))
                 prov["outputs"] = written
                 if truth is not None:
                     prov["dice"] = _print_dice(result.labels, truth, cfg.vertebrae)

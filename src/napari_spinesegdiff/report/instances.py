@@ -247,6 +247,8 @@ def _disc_planes(disc: np.ndarray, sp) -> tuple[list[_Plane], np.ndarray, list[s
     vox = float(np.prod(sp))
     counts = np.bincount(comp.ravel(), minlength=n + 1)[1:] * vox
     keep = [i + 1 for i in range(n) if counts[i] >= max(MIN_DISC_MM3, MIN_DISC_FRACTION * counts.max())]
+    dropped = int(np.sum((counts >= max(MIN_DISC_MM3, 0.01 * counts.max())) & (counts < MIN_DISC_FRACTION * counts.max())))
+    flags = [f"disc_fragments_dropped:{dropped}"] if dropped else []
     objects = ndimage.find_objects(comp)
     points: dict[int, np.ndarray] = {}
     for i in keep:
@@ -271,7 +273,7 @@ def _disc_planes(disc: np.ndarray, sp) -> tuple[list[_Plane], np.ndarray, list[s
         n_own, minor, major = _pca(yz[:: max(1, len(yz) // 20000)])
         planes.append(_Plane(yz.mean(axis=0), n_own, g, len(yz) * vox, minor, minor / max(major, 1e-9)))
     _orient(planes)
-    return planes, comp, []
+    return planes, comp, flags
 
 
 def _orient(planes: list[_Plane]) -> None:
@@ -381,11 +383,11 @@ def find_instances(labels, spacing, *, vertebrae: str = "whole", shift: int = 0,
     if bad:
         raise InstancesError(f"The class map holds {bad[0]}, which is not a class of the project's scheme "
                              "(0 background, 1 canal, 2 vertebra or body, 3 disc, 4 posterior elements).")
-    planes, comp, _ = _disc_planes(lab == 3, sp)
+    planes, comp, disc_flags = _disc_planes(lab == 3, sp)
     chain = _chain(planes)
     seg, body = _segments(lab, chain.planes, sp)
     n_planes = len(chain.planes)
-    flags = list(chain.flags)
+    flags = disc_flags + chain.flags
     vox = float(np.prod(sp))
 
     counts = np.bincount(seg.ravel(), minlength=n_planes + 2)[1:] * vox  # segment j at counts[j - 1]
