@@ -302,20 +302,27 @@ def _canal_front(canal: np.ndarray) -> np.ndarray | None:
     return np.interp(np.arange(canal.shape[1]), rows, front)
 
 
-def _grow(seeds: np.ndarray, mask: np.ndarray, max_iter: int = 2000) -> np.ndarray:
-    """Flood ``seeds`` (labels > 0, inside ``mask``) through ``mask`` one voxel (face neighbour) a step: each
-    voxel takes the label that reaches it first (the larger on a tie)."""
-    cur = seeds.copy()
-    todo = mask & (cur == 0)
-    fp = ndimage.generate_binary_structure(3, 1)
-    for _ in range(max_iter):
-        grown = ndimage.grey_dilation(cur, footprint=fp)
-        new = todo & (grown > 0)
-        if not new.any():
-            break
-        cur[new] = grown[new]
-        todo &= ~new
-    return cur
+def _grow(seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Flood ``seeds`` (labels > 0, inside ``mask``) through ``mask`` one face neighbour a step (breadth first):
+    each voxel takes the label that reaches it first."""
+    cur = np.pad(seeds, 1).ravel()
+    todo = np.pad(mask, 1).ravel() & (cur == 0)  # the padding is outside the mask: no wrap-around
+    n1, n2 = seeds.shape[1] + 2, seeds.shape[2] + 2
+    offsets = (n1 * n2, -n1 * n2, n2, -n2, 1, -1)
+    front = np.flatnonzero(cur > 0)
+    while front.size:
+        new = []
+        for off in offsets:
+            nb = front + off
+            ok = todo[nb]
+            if not ok.any():
+                continue
+            nb = nb[ok]
+            cur[nb] = cur[front[ok]]
+            todo[nb] = False
+            new.append(nb)
+        front = np.concatenate(new) if new else np.empty(0, np.intp)
+    return cur.reshape(tuple(n + 2 for n in seeds.shape))[1:-1, 1:-1, 1:-1]
 
 
 @dataclass
