@@ -380,7 +380,10 @@ DEFAULT_SPACING_MM = 35.0  # a lumbar level (body and disc) where fewer than two
 def find_instances(labels, spacing, *, vertebrae: str = "whole", shift: int = 0, lumbar: int = LUMBAR) -> Instances:
     """Split a canonical class map (project scheme: 1 canal, 2 vertebra or body, 3 disc, 4 posterior elements
     with ``vertebrae="split"``) into named structures (module docstring); ``spacing`` in mm per canonical
-    axis; ``shift`` renumbers (:meth:`Instances.renumbered`); ``lumbar=6`` names six lumbar vertebrae."""
+    axis; ``shift`` renumbers (:meth:`Instances.renumbered`); ``lumbar=6`` names six lumbar vertebrae.
+    ``vertebrae="split"`` (or any label 4): label 2 is the bodies, which seed their arches; ``"whole"``: the
+    bone in front of the canal is the bodies.  Raises :class:`InstancesError` (one sentence) on a map that is
+    not 3-D, not whole numbers, negative or outside the scheme, or on a bad spacing."""
     lab, sp = _check(labels, spacing)
     if vertebrae not in ("whole", "split"):
         raise InstancesError(f"vertebrae must be 'whole' or 'split', got {vertebrae!r}.")
@@ -392,7 +395,7 @@ def find_instances(labels, spacing, *, vertebrae: str = "whole", shift: int = 0,
                              "(0 background, 1 canal, 2 vertebra or body, 3 disc, 4 posterior elements).")
     planes, comp, disc_flags = _disc_planes(lab == 3, sp)
     chain = _chain(planes)
-    seg, body = _segments(lab, chain.planes, sp)
+    seg, body = _segments(lab, chain.planes, sp, split=vertebrae == "split" or bool(np.any(lab == 4)))
     n_planes = len(chain.planes)
     flags = disc_flags + chain.flags
     vox = float(np.prod(sp))
@@ -498,10 +501,10 @@ def _structure(mask: np.ndarray, value, kind: str, level: str, conf: float, ordi
     return Structure(value, kind, level, round(conf, 3), tuple(flags), int(idx[0].size), centroid, ordinal)  # type: ignore[arg-type]
 
 
-def _segments(lab: np.ndarray, planes: Sequence[_Plane], sp) -> tuple[np.ndarray, np.ndarray]:
+def _segments(lab: np.ndarray, planes: Sequence[_Plane], sp, split: bool) -> tuple[np.ndarray, np.ndarray]:
     """Segment number per bone voxel (1 above the top plane ... len(planes) + 1 below the lowest; 0 elsewhere):
     bodies by the planes, posterior elements flooded from their own body through the bone; and the body mask
-    (bone in front of the canal, or label 2 where posterior elements are labelled 4)."""
+    (bone in front of the canal; with ``split`` labels label 2, the bodies)."""
     bone = (lab == 2) | (lab == 4)
     seg = np.zeros(lab.shape, np.int32)
     body_mask = np.zeros(lab.shape, bool)
@@ -514,9 +517,8 @@ def _segments(lab: np.ndarray, planes: Sequence[_Plane], sp) -> tuple[np.ndarray
     by_plane = np.ones(len(yz), np.int32)
     for p in planes:
         by_plane += (p.signed(yz) > 0).astype(np.int32)
-    sub_lab = lab[box]
-    if np.any(sub_lab == 4):
-        body = sub_lab[idx] == 2
+    if split:
+        body = lab[box][idx] == 2
     else:
         front = _canal_front(lab == 1)
         if front is None:
