@@ -55,6 +55,9 @@ class SegmentationConfig:
     fill_holes: bool = True
     roi_margin_mm: float = 24.0  # refine only the prior's foreground box plus this margin (-1: whole slice)
     single_canal: bool = True  # keep only the largest 3-D connected component of the spinal canal
+    # drop every 3-D piece of the labels farther than this (mm) from the spine column (the chain of vertebrae,
+    # discs and canal; column.py): strays in the corners of a field of view; 0 = off
+    column_margin_mm: float = 20.0
     # Gaussian sigma (mm) across sagittal slices applied to the probabilities before labelling: the diffusion
     # model sees one slice at a time (the 2.5-D presegmenter a few), this makes neighbouring slices agree; 0 = off
     smooth_mm: float = 2.0
@@ -73,6 +76,8 @@ class SegmentationConfig:
             raise ValueError(f"aggregate_steps must be at least 1, got {self.aggregate_steps}.")
         if not 0.0 <= self.baseline_weight <= 1.0:
             raise ValueError(f"baseline_weight must be between 0 and 1, got {self.baseline_weight}.")
+        if self.column_margin_mm < 0:
+            raise ValueError(f"column_margin_mm must be 0 (off) or more, got {self.column_margin_mm}.")
         if self.smooth_mm < 0:
             raise ValueError(f"smooth_mm must be 0 (off) or more, got {self.smooth_mm}.")
         if self.fusion not in ("step_uncertainty", "diffunet"):

@@ -19,7 +19,8 @@ Memory for the model stays flat in the number of slices.
 Label rule: a pixel gets the class whose probability is highest among those above 0.5 (so overlapping
 channels never produce two labels); otherwise background.  Post-processing per class and slice: fill
 holes, then drop connected components smaller than ``min_component_mm2``; the spinal canal keeps only its
-largest 3-D connected component (``single_canal``).
+largest 3-D connected component (``single_canal``); 3-D pieces farther than ``column_margin_mm`` from the spine
+column (the chain of vertebrae, discs and canal, :mod:`column`) are dropped.
 """
 
 from __future__ import annotations
@@ -415,7 +416,8 @@ def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], con
     """Canonical channel probabilities (C, n, rows, cols) -> canonical written labels (n, rows, cols), the
     last stage of :func:`segment`: Gaussian smoothing across the sagittal ``slices`` (``config.smooth_mm``,
     in place), the structure probabilities (canal, vertebra, disc; :mod:`labelscheme`), the label rule,
-    per-slice post-processing, the single canal, and with ``config.vertebrae == "split"`` vertebral body (2)
+    per-slice post-processing, the single canal, no piece farther than ``config.column_margin_mm`` from the spine
+    column (:func:`column.drop_strays`), and with ``config.vertebrae == "split"`` vertebral body (2)
     and posterior elements (4).  ``slices`` (a contiguous range, default all) are the slices that were
     segmented; the others stay background.  ``class_names`` (the model's channels) default to the three
     channels of the v3 models."""
@@ -434,6 +436,10 @@ def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], con
                                  (spacing[1], spacing[2]), config)
     if config.single_canal:
         _keep_largest_component(labels, 1)
+    if config.column_margin_mm > 0:  # strays far from the chain of vertebrae, discs and canal
+        from .column import drop_strays
+
+        drop_strays(labels, spacing, config.column_margin_mm)
     if config.vertebrae == "split":
         labels = split_vertebrae(labels, prob_c[roles.body])
     return labels
