@@ -89,6 +89,9 @@ def _blend_and_smoothing_args(p) -> None:
     p.add_argument("--smooth-mm", type=float, default=d.smooth_mm,
                    help="Gaussian sigma in mm across sagittal slices applied to the probabilities before "
                         f"labelling (0 = off; default {d.smooth_mm})")
+    p.add_argument("--column-margin-mm", type=float, default=d.column_margin_mm,
+                   help="drop labelled 3-D pieces farther than this from the spine column (the chain of "
+                        f"vertebrae, discs and canal; 0 = off; default {d.column_margin_mm:g})")
 
 
 class Cancelled(KeyboardInterrupt):
@@ -434,6 +437,16 @@ def _add_evaluate(sub) -> None:
                    help="comma-separated: presegmentation (baseline alone), diffusion (diffusion output alone), "
                         "default (the blend); default all three")
     p.add_argument("--sweep", action="store_true", help="also sweep steps / t_start / ensemble (slow)")
+    p.add_argument("--contrast-suite", action="store_true",
+                   help="instead: the contrast suite, every case unchanged and under each of --transforms "
+                        "(contrast_per_case.csv, contrast.md)")
+    p.add_argument("--transforms", default="none,inverted,curve,gamma,bias,noise,thick,coarse",
+                   help="with --contrast-suite, comma-separated: none, inverted, curve, gamma, bias, noise, "
+                        "thick (3.6 mm slices), coarse (1.2 mm pixels); default all")
+    p.add_argument("--contrast-seed", type=int, default=0, help="with --contrast-suite: the transforms' seed")
+    p.add_argument("--middle-mm", type=float,
+                   help="with --contrast-suite: segment and score only the middle MM of every scan "
+                        "(default: every slice)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
@@ -444,6 +457,7 @@ def _add_evaluate(sub) -> None:
 
 def cmd_evaluate(args) -> int:
     from .config import SegmentationConfig
+    from .evaluation.contrast_suite import contrast_suite
     from .evaluation.evaluate import evaluate
 
     if args.threads:
@@ -454,10 +468,17 @@ def cmd_evaluate(args) -> int:
         cfg = SegmentationConfig(checkpoint=args.checkpoint, baseline_checkpoint=args.baseline_checkpoint,
                                  steps=args.steps, t_start=args.t_start, ensemble=args.ensemble, seed=args.seed,
                                  device=args.device, baseline_weight=args.baseline_weight,
-                                 smooth_mm=args.smooth_mm, engine=args.engine, uncertainty=args.uncertainty_mode)
+                                 smooth_mm=args.smooth_mm, engine=args.engine, uncertainty=args.uncertainty_mode,
+                                 column_margin_mm=args.column_margin_mm)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        report = evaluate(args.data, cfg, args.out, splits=args.splits, fold=args.fold, sweep=args.sweep,
-                          subset=args.subset, methods=methods)
+        if args.contrast_suite:
+            report = contrast_suite(args.data, cfg, args.out, splits=args.splits, fold=args.fold,
+                                    subset=args.subset, methods=methods, seed=args.contrast_seed,
+                                    transforms=[t.strip() for t in args.transforms.split(",") if t.strip()],
+                                    middle_mm=args.middle_mm)
+        else:
+            report = evaluate(args.data, cfg, args.out, splits=args.splits, fold=args.fold, sweep=args.sweep,
+                              subset=args.subset, methods=methods)
     except ValueError as exc:
         return _fail(str(exc))
     print(f"wrote {report}")
@@ -531,7 +552,7 @@ def _config_from_args(args):
         fusion=args.fusion, uncertainty=args.uncertainty_mode, prior=args.prior, num_classes=args.classes,
         device=args.device, seed=args.seed, slices=args.slices, batch_slices=args.batch_slices,
         baseline_weight=args.baseline_weight, smooth_mm=args.smooth_mm, vertebrae=args.vertebrae,
-        engine=args.engine,
+        engine=args.engine, column_margin_mm=args.column_margin_mm,
     )
 
 

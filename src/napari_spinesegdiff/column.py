@@ -163,11 +163,16 @@ def drop_strays(labels: np.ndarray, spacing: Sequence[float], margin_mm: float) 
     the spine column (:func:`column_pieces`); returns the number of voxels dropped.  ``margin_mm`` <= 0: off."""
     if margin_mm <= 0 or not labels.any():
         return 0
-    found = column_pieces(labels, spacing, margin_mm)
-    far = np.flatnonzero(found.distance_mm > margin_mm) + 1
-    if far.size == 0:
+    return drop_pieces(labels, column_pieces(labels, spacing, margin_mm), margin_mm)
+
+
+def drop_pieces(labels: np.ndarray, found: ColumnPieces, margin_mm: float) -> int:
+    """In place: set to background the pieces of ``found`` (:func:`column_pieces` of these ``labels``)
+    farther than ``margin_mm`` from the column; returns the number of voxels dropped."""
+    far = np.concatenate([[False], found.distance_mm > margin_mm])
+    if not far.any():
         return 0
-    drop = np.isin(found.pieces, far)
+    drop = far[found.pieces]
     labels[drop] = 0
     return int(drop.sum())
 
