@@ -40,7 +40,8 @@ and the dataset card of the SPIDER copy on HuggingFace (https://huggingface.co/d
 ``1-25`` vertebrae numbered from the bottom (L5 = 1), ``100`` spinal canal, ``101-125`` partially visible
 vertebrae, ``201-225`` discs numbered from the bottom (L5/S1 = 201).  So vertebra value = its ordinal
 (L5 1, L4 2, ... L1 5, T12 6, ... C1 24) and a disc's value = 200 + the ordinal of the vertebra above it
-(L5-S1 201, L4-L5 202, T12-L1 206).  Assumptions (not documented there): the sacrum is written as
+(L5-S1 201, L4-L5 202, T12-L1 206).  The 26 SPIDER slabs in ``../shared/data`` label no sacrum beyond a sliver
+(their bone ends at the lowest disc), which fits L5 = 1.  Assumptions (not documented there): the sacrum is written as
 :data:`SACRUM_VALUE` (25, the one value L5..C1 leave free); with six lumbar vertebrae the values stay
 positional from the bottom (L6 1, L5 2).  Reading (:func:`instances_from_spider`) accepts both that and
 the other convention seen in SPIDER masks, the sacrum as vertebra 1 (then L5 = 2): a vertebra 1 that lies
