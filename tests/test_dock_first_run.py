@@ -115,3 +115,31 @@ def test_qa_tables_are_filled_when_the_run_finished_signal_fires(qtbot, phantom_
     assert (outcome, n_structures, n_slices) == ("done", len(structures), len(slice_table(labels, unc, segmented)))
     assert sorted(int(r) for r in rows) == segmented
     assert message.startswith("Done in ") and tab == REVIEW_TAB
+
+
+def test_opening_the_dock_builds_a_labels_layer_once_and_leaves_the_users_layers_as_they_were(qtbot,
+                                                                                              make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("spinesegdiff", "phantom_t2w")
+    user = viewer.add_labels(np.zeros(viewer.layers[IMAGE].data.shape, np.uint8), name="my labels")
+    user.brush_size = 3
+    user.paint((6, 40, 40), 2)
+    painted = user.data.copy()
+    viewer.layers.selection.active = viewer.layers[IMAGE]
+    layers_before = list(viewer.layers)
+    inserted, removed = [], []
+    viewer.layers.events.inserted.connect(lambda e: inserted.append(e.value.name))
+    viewer.layers.events.removed.connect(lambda e: removed.append(e.value.name))
+
+    w = dock(viewer)
+    # the warm-up: one labels layer in and out again (never drawn: both within the dock's opening)
+    assert inserted == removed == ["spinesegdiff warm-up"]
+    assert list(viewer.layers) == layers_before
+    assert set(viewer.layers.selection) == {viewer.layers[IMAGE]}
+    assert viewer.layers.selection.active is viewer.layers[IMAGE]
+    assert w.segment.image.value is viewer.layers[IMAGE]
+    np.testing.assert_array_equal(user.data, painted)
+    user.undo()  # the user's undo history is untouched: the paint before the dock opened is undone
+    assert not user.data.any()
+    with qtbot.waitSignal(w.models_ready, timeout=120_000):
+        pass  # the preload the dock started ends before the viewer closes

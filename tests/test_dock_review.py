@@ -45,14 +45,22 @@ def test_qa_rows_navigate_overlay_follows_threshold_edits_undo(qtbot, phantom_vi
         expected = (image.translate[1] + r * image.scale[1], image.translate[2] + c * image.scale[2])
         assert centre == pytest.approx(expected)
 
-    # threshold overlay: voxels above the slider's value
+    # threshold overlay: voxels above the slider's value, made when the slider first moves (not with the result),
+    # as an image layer that draws them cyan over transparent, as the labels layer it replaced did
+    from napari.layers import Image
+
     unc = viewer.layers[UNCERTAINTY_NAME].data
+    assert OVERLAY_NAME not in viewer.layers
     review.threshold.setValue(20)
-    review.update_overlay()
+    qtbot.waitUntil(lambda: OVERLAY_NAME in viewer.layers, timeout=5_000)
     overlay = viewer.layers[OVERLAY_NAME]
-    assert overlay.visible
+    assert isinstance(overlay, Image) and overlay.visible and overlay.opacity == pytest.approx(0.7)
     np.testing.assert_array_equal(overlay.data, (unc > 0.2 / np.e).astype(np.uint8))
     np.testing.assert_allclose(overlay.scale, image.scale)
+    np.testing.assert_allclose(overlay.colormap.map(np.array([0.0, 1.0])), [[0, 0, 0, 0], [0, 1, 1, 1]])
+    assert tuple(overlay.contrast_limits) == (0.0, 1.0)
+    w.state.result_changed.emit()  # a new result redraws the overlay that is there, in place
+    assert viewer.layers[OVERLAY_NAME] is overlay
 
     # an edit through napari's own painting is undoable, and the data object is never swapped
     labels = viewer.layers[LABELS_NAME]

@@ -10,7 +10,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
 
 from .export import Exporter
-from .layers import ResultLayers
+from .layers import ResultLayers, prepare_labels_code
 from .navigation import current_slice, go_to
 from .progress import LazyProgressBar
 from .queue import QueuePanel
@@ -39,6 +39,7 @@ class SpineSegDiffWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()
         self.viewer = napari_viewer
+        prepare_labels_code(napari_viewer)  # before the collection import_model_code ends with
         import_model_code()
         self.state = RunState(napari_viewer, self)
         self.layers = ResultLayers(self.state)

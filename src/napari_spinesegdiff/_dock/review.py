@@ -78,7 +78,7 @@ class ReviewPanel(QWidget):
         self.layers = layers
         self.qa_worker = None
         self._build()
-        state.result_changed.connect(self.update_overlay)
+        state.result_changed.connect(self._redraw_overlay)
         state.qa_ready.connect(self._fill_tables)
         state.status_changed.connect(self._on_status)
 
@@ -142,15 +142,25 @@ class ReviewPanel(QWidget):
         if overlay is not None:
             overlay.visible = True
 
+    def _redraw_overlay(self) -> None:
+        """A new result redraws the "uncertain boundary" layer only when it is there: it is made when the slider
+        first moves, so the first run adds one layer fewer while its result arrives."""
+        if self.layers.find(OVERLAY_NAME) is not None:
+            self.update_overlay()
+
     def update_overlay(self) -> None:
-        """(Re)draw the "uncertain boundary" layer for the slider's threshold (hidden until the slider moves)."""
+        """(Re)draw the "uncertain boundary" layer for the slider's threshold: the voxels above it in cyan over
+        transparent, as an image layer (a mask to look at, not to paint; napari builds a labels layer's paint
+        tools and overlays, about 0.1 s, for every new one)."""
+        from napari.utils.colormaps import Colormap
+
         unc = self.layers.find(UNCERTAINTY_NAME)
         if unc is None or self.state.result_image is None:
             return
         mask = uncertain_mask(unc.data, self.threshold_value())
-        colors = {None: "transparent", 0: "transparent", 1: "cyan"}
-        self.layers.put(OVERLAY_NAME, mask, "labels", geometry_of(unc), colormap=colors, visible=False,
-                        metadata={OUTPUT_KEY: True, "threshold": self.threshold_value()})
+        cyan = Colormap([[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0]], name="spinesegdiff uncertain boundary")
+        self.layers.put(OVERLAY_NAME, mask, "image", geometry_of(unc), colormap=cyan, contrast_limits=(0.0, 1.0),
+                        opacity=0.7, metadata={OUTPUT_KEY: True, "threshold": self.threshold_value()})
 
     # ------------------------------------------------------------------------------------------- tables
 
