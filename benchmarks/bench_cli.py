@@ -6,6 +6,8 @@ processes, and the ratio to the default.  Variants:
 
 - the default: OpenVINO on the CPU (bfloat16 where the CPU has it), networks from the export cache
   (``model.engine``);
+- ``--levels``: the default plus the levels table (every ensemble member labelled, the structures named and
+  measured on the final labels and each member; issue 36 allows it 10 % over the default);
 - ``--engine onnxruntime``: ONNX Runtime, float32, the same cached files;
 - the first run on a fresh machine: an empty export cache, so the networks are built and exported first;
 - ``--engine torch``: torch eager (the engine on GPUs);
@@ -36,7 +38,7 @@ from pathlib import Path
 
 
 #: the variants' short names, for ``--variants`` (in the order of the printed table)
-VARIANTS = ("default", "onnxruntime", "fresh", "torch", "untuned")
+VARIANTS = ("default", "levels", "onnxruntime", "fresh", "torch", "untuned")
 
 
 def make_scan(folder: Path) -> Path:
@@ -134,6 +136,8 @@ def main() -> None:
         fresh = Path(tmp) / "fresh"
         variants = {
             "default (auto: openvino where installed, cached export)": ("default", {"SPINESEGDIFF_CACHE": cache}, []),
+            "default with --levels (the levels table and its intervals)": (
+                "levels", {"SPINESEGDIFF_CACHE": cache}, ["--levels", str(Path(tmp) / "levels.csv")]),
             "--engine onnxruntime (float32, cached export)": ("onnxruntime", {"SPINESEGDIFF_CACHE": cache},
                                                               ["--engine", "onnxruntime"]),
             "first run on a fresh machine (export included)": ("fresh", {"SPINESEGDIFF_CACHE": str(fresh)}, []),

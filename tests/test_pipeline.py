@@ -282,7 +282,7 @@ def test_each_written_label_has_its_own_map_and_the_shown_map_is_their_max():
 
 
 def test_kept_samples_are_each_members_labels(phantom, result):
-    """keep_samples: one label map per ensemble member through the same blend and post-processing; the final
+    """keep_samples: one label map per ensemble member through the same blend and label rule; the final
     labels are unchanged, the members differ a little from each other and segment as well as the result."""
     res, _ = result
     kept = run(phantom.image, FAST, keep_samples=True)

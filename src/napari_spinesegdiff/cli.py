@@ -72,6 +72,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--slices", default="all", help="all | mid | A:B (canonical left-right slice indices)")
     p.add_argument("--batch-slices", type=int, default=4, help="slices denoised together (memory)")
     p.add_argument("--truth", type=Path, help="ground-truth labels: print Dice per class")
+    p.add_argument("--levels", type=Path,
+                   help="write the levels table here (.csv or .parquet): a row per vertebra, disc and canal level, "
+                        "heights, depths, ratios, canal diameter and slip in mm with their 90 %% intervals")
     p.add_argument("--instances", type=Path,
                    help="write the instance map here (scan's geometry, SPIDER's values: canal 100, vertebrae "
                         "from L5 = 1 upward, sacrum 25, discs from L5-S1 = 201 upward)")
@@ -146,6 +149,8 @@ def _segment_inputs(args, cfg, volume=None) -> dict[str, Path]:
 def _segment_outputs(args, class_names=None) -> dict[str, Path]:
     """Every file the run writes (role -> path); per-class probability files once the classes are known."""
     outputs = {"labels": args.output, "sidecar JSON": _sidecar(args.output)}
+    if getattr(args, "levels", None) is not None:
+        outputs["levels table"] = args.levels
     if args.uncertainty is not None:
         outputs["uncertainty map"] = args.uncertainty
     if getattr(args, "instances", None) is not None:
@@ -162,8 +167,12 @@ def _segment_outputs(args, class_names=None) -> dict[str, Path]:
 def _check_segment_paths(args, cfg, volume=None, class_names=None) -> None:
     from .io.outputs import check_outputs
 
+    if getattr(args, "levels", None) is not None:
+        from .report.table import check_table_path
+
+        check_table_path(args.levels)
     check_outputs(_segment_outputs(args, class_names), _segment_inputs(args, cfg, volume),
-                  text_outputs=["sidecar JSON"])
+                  text_outputs=["sidecar JSON", "levels table"])
 
 
 def _planned_class_names(cfg) -> list[str] | None:
@@ -217,7 +226,7 @@ def cmd_segment(args) -> int:
 
     with _sigterm_cancels():
         try:
-            result = run(volume, cfg, callback=on_event, stream_every=0)
+            result = run(volume, cfg, callback=on_event, stream_every=0, keep_samples=args.levels is not None)
         except KeyboardInterrupt:
             return _fail("cancelled; no output was written.", EXIT_CANCELLED)
         except ValueError as exc:
@@ -242,15 +251,23 @@ def cmd_segment(args) -> int:
                         path = _suffixed(args.probabilities, name.replace(" ", "_"))
                         written[f"probability {name}"] = str(out.add_volume(vol.data, path, like=volume,
                                                                             kind="image", produced_by=prov))
-                if args.instances is not None:
+                instances = None
+                if args.instances is not None or args.levels is not None:
                     from .report.instances import find_instances
 
                     instances = find_instances(result.canonical_labels, result.labels.orientation.canonical_spacing,
                                                vertebrae=cfg.vertebrae)
                     prov["levels_anchor"], prov["levels_flags"] = instances.anchor, list(instances.flags)
+                if args.instances is not None:
                     written["instances"] = str(out.add_volume(
                         volume.with_canonical(instances.canonical, kind="labels").data, args.instances,
                         like=volume, kind="labels", produced_by=prov))
+                if args.levels is not None:
+                    from .report.levels import levels_for_result
+                    from .report.table import write_levels_table
+
+                    levels = levels_for_result(result, cfg.vertebrae, instances=instances)
+                    written["levels"] = str(write_levels_table(levels, args.levels, outputs=out))
                 prov["outputs"] = written
                 if truth is not None:
                     prov["dice"] = _print_dice(result.labels, truth, cfg.vertebrae)
@@ -511,6 +528,42 @@ def cmd_phantom(args) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------ measure
+def _add_measure(sub) -> None:
+    p = sub.add_parser("measure", help="measure any label map level by level (the levels table, no intervals)",
+                       description="Measure a label map (the project's schemes, SPIDER's instance scheme, a manual "
+                                   "segmentation) with the code and columns of segment --levels.")
+    p.add_argument("labels", type=Path, help="labels file (NIfTI, MetaImage, NRRD)")
+    p.add_argument("--image", type=Path, help="the scan the labels belong to (its geometry wins)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="levels table (.csv or .parquet)")
+    p.set_defaults(func=cmd_measure)
+
+
+def cmd_measure(args) -> int:
+    from .io.outputs import check_outputs
+    from .io.readers import read_volume
+    from .report.levels import levels_for_labels
+    from .report.table import check_table_path, write_levels_table
+
+    try:
+        check_table_path(args.output)
+        inputs = {"labels file": args.labels, **({"scan": args.image} if args.image else {})}
+        check_outputs({"levels table": args.output}, inputs, text_outputs=["levels table"])
+        for role, path in inputs.items():
+            if not path.exists():
+                return _fail(f"The {role} {path} does not exist.")
+        labels = read_volume(args.labels, kind="labels")
+        image = read_volume(args.image, kind="image") if args.image else None
+        rows = levels_for_labels(labels, image)
+        if not rows:
+            return _fail(f"{args.labels} holds no vertebra, disc or canal to measure.")
+        write_levels_table(rows, args.output)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"wrote {args.output} ({len(rows)} rows)")
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------------------------------- batch
 EXIT_SOME_FAILED = 3  # batch: every scan was tried and at least one failed (see results.csv)
 
@@ -615,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_phantom(sub)
     _add_batch(sub)
+    _add_measure(sub)
     return parser
 
 

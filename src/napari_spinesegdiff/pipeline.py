@@ -82,7 +82,8 @@ class SegmentationResult:
     class_names: list[str]
     provenance: dict[str, Any] = field(default_factory=dict)
     # (S, N, rows, cols) uint8, canonical: each ensemble member's labels, from its own last-step x0 through the
-    # same blend, smoothing and post-processing as ``canonical_labels``; only with ``segment(keep_samples=True)``
+    # same blend, smoothing and label rule as ``canonical_labels`` (:func:`member_labels`: not its
+    # post-processing); only with ``segment(keep_samples=True)``
     canonical_sample_labels: np.ndarray | None = None
 
 
@@ -445,6 +446,26 @@ def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], con
     return labels
 
 
+def member_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], config: SegmentationConfig,
+                  slices: range, class_names: Sequence[str]) -> np.ndarray:
+    """One ensemble member's labels for the measurement intervals (:mod:`.report.intervals`): the smoothing
+    across slices and the label rule of :func:`finalize_labels` (and its split of the vertebrae), without its
+    post-processing (holes, specks, strays, the single canal).  The report measures a member only within two
+    voxels of the final labels' structures, where that post-processing has nothing left to remove; skipping
+    it keeps the members' labelling to a small share of the run."""
+    from .labelscheme import ChannelRoles, split_vertebrae, structure_probabilities
+
+    roles = ChannelRoles.of(class_names)
+    smooth_across_slices(prob_c, float(spacing[0]), config.smooth_mm, slices)
+    labels = np.zeros(prob_c.shape[1:], np.uint8)
+    for k in slices:
+        labels[k] = _labels_from_probabilities(structure_probabilities(prob_c[:, k], roles) if roles.known
+                                               else prob_c[:, k])
+    if config.vertebrae == "split" and roles.can_split:
+        labels = split_vertebrae(labels, prob_c[roles.body])
+    return labels
+
+
 #: The ``"labels"`` uncertainty is the binary entropy in bits times this: an even chance reads 1/e, the top of
 #: the paper's step-uncertainty scale (-p log p), so maps, colour limits and thresholds share one scale.
 LABEL_UNCERTAINTY_SCALE = float(1.0 / np.e)
@@ -654,10 +675,10 @@ def segment(
     tq = time.perf_counter()
     labels_c = finalize_labels(prob_c, spacing, config, chosen, ckpt.class_names)
     sample_labels = None
-    if samples_u8 is not None:  # the members through the same smoothing, label rule and post-processing
+    if samples_u8 is not None:  # the members through the same smoothing and label rule
         sample_labels = np.stack([
-            finalize_labels(np.multiply(member, np.float32(1 / 255), dtype=np.float32), spacing, config, chosen,
-                            ckpt.class_names) for member in samples_u8])
+            member_labels(np.multiply(member, np.float32(1 / 255), dtype=np.float32), spacing, config, chosen,
+                          ckpt.class_names) for member in samples_u8])
         del samples_u8
     if config.uncertainty == "labels":
         unc_c, cunc_c = label_uncertainty(prob_c, ckpt.class_names, config.vertebrae, chosen)

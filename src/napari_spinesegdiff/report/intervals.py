@@ -95,8 +95,9 @@ def member_measurements(instance_map: np.ndarray, spacing: Sequence[float], stru
     """Each ensemble member's class map (S, slices, rows, cols) measured in the final labels' frames; rows as
     in ``final``."""
     frames = {m.value: m.frame for m in final if m.structure != "canal" and m.frame is not None}
-    return [measure_structures(instance_map, spacing, structures, classes=classes, frames=frames, members=m)
-            for m in members]
+    cache: dict = {}
+    return [measure_structures(instance_map, spacing, structures, classes=classes, frames=frames, members=m,
+                               cache=cache) for m in members]
 
 
 def _key(m: Measured) -> tuple[str, str]:

@@ -122,6 +122,12 @@ class _Planes:
         self.fractional = occ.dtype != bool
         self._planes: dict[int, np.ndarray] = {}
 
+    def voxels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indices (in the box) of the occupied voxels, found once."""
+        if not hasattr(self, "_voxels"):
+            self._voxels = np.nonzero(self.occ)
+        return self._voxels
+
     def has(self, k: int) -> bool:
         j = k - self.k0
         return 0 <= j < self.occ.shape[0] and bool(self.occ[j].any())
@@ -143,23 +149,22 @@ class _Planes:
         prof = ndimage.map_coordinates(plane, [rows.ravel(), cols.ravel()], order=1, mode="constant", cval=0.0)
         prof = prof.reshape(rows.shape)
         inside = (rows >= 0) & (rows <= plane.shape[0] - 1) & (cols >= 0) & (cols <= plane.shape[1] - 1)
-        out = []
-        for p, ok in zip(prof, inside):
-            above = p >= 0.5
-            edges = np.flatnonzero(np.diff(above.astype(np.int8)))
-            frac = (0.5 - p[edges]) / (p[edges + 1] - p[edges])
-            ends = list(t[edges] + frac * self.step)
-            if above[0]:
-                ends.insert(0, -np.inf)
-            if above[-1]:
-                ends.append(np.inf)
-            runs = []
-            for a, b in zip(ends[0::2], ends[1::2]):
-                # a run that touches the box's edge (the image border, or the box) is cut
-                ia, ib = np.searchsorted(t, [a, b])
-                lo, hi = max(ia - 3, 0), min(ib + 3, len(t) - 1)
-                runs.append((-np.inf if not ok[lo] and a > -np.inf else a, np.inf if not ok[hi] and b < np.inf else b))
-            out.append(runs)
+        n_t = len(t)
+        pad = np.zeros((len(prof), 1), np.int8)
+        change = np.diff(np.concatenate([pad, (prof >= 0.5).astype(np.int8), pad], axis=1), axis=1)
+        lines, first = np.nonzero(change == 1)  # first sample of each run (row-major: runs in order)
+        _, after = np.nonzero(change == -1)  # first sample after it
+        out: list[list[tuple[float, float]]] = [[] for _ in range(len(prof))]
+        for li, a, b in zip(lines, first, after):
+            p = prof[li]
+            start = -np.inf if a == 0 else t[a - 1] + (0.5 - p[a - 1]) / (p[a] - p[a - 1]) * self.step
+            end = np.inf if b == n_t else t[b - 1] + (0.5 - p[b - 1]) / (p[b] - p[b - 1]) * self.step
+            # a run that touches the box's edge (the image border, or the box) is cut
+            if a > 0 and not inside[li, max(a - 3, 0)]:
+                start = -np.inf
+            if b < n_t and not inside[li, min(b + 2, n_t - 1)]:
+                end = np.inf
+            out[li].append((float(start), float(end)))
         return out
 
     def extent(self, k: int, p0: np.ndarray, d: np.ndarray, strip: np.ndarray, reach: float,
@@ -342,7 +347,7 @@ def _profile(planes: _Planes, frame: Frame, reach: float, disc: bool, spacing) -
 def _canal_ap(canal: _Planes, frame: Frame, spacing, reach: float) -> tuple[float, Line | None, str | None]:
     """The canal's AP diameter across the axis through ``frame``'s centre, on the canal's own mid-sagittal
     plane there (the left-right centroid of its voxels within :data:`CANAL_BAND_MM` of the line)."""
-    k, r, c = np.nonzero(canal.occ)
+    k, r, c = canal.voxels()
     u = ((r + canal.r0) * spacing[1] - frame.centre[0]) * frame.axis[0] \
         + ((c + canal.c0) * spacing[2] - frame.centre[1]) * frame.axis[1]
     near = np.abs(u) <= CANAL_BAND_MM
@@ -437,8 +442,31 @@ class _Item:
     frame: Frame | None = None
 
 
-def _items(inst, spacing, structures, front, split, classes, fractions, members) -> dict[int, _Item]:
-    """The bodies and discs, each in its own box: mask (the body of a vertebra), partial volume if given."""
+@dataclass
+class _Shape:
+    """A body or disc of the final labels in its own box: the mask (a vertebra's body), where it lies."""
+
+    box: tuple[slice, ...]
+    mask: np.ndarray
+    x: float
+    centroid: np.ndarray
+    cut: bool
+    _near: np.ndarray | None = None
+
+    @property
+    def origin(self) -> tuple[int, int, int]:
+        return tuple(b.start for b in self.box)  # type: ignore[return-value]
+
+    @property
+    def near(self) -> np.ndarray:
+        """The mask grown by two voxels: where an ensemble member's voxels of its class belong to it."""
+        if self._near is None:
+            self._near = ndimage.binary_dilation(self.mask, iterations=2)
+        return self._near
+
+
+def _shapes(inst, spacing, structures, front, split, classes) -> dict[int, _Shape]:
+    """Structure index -> its :class:`_Shape` for every body and disc in the instance map."""
     boxes = ndimage.find_objects(inst) if inst.size and inst.max() > 0 else []
     pad = (1, 3, 3)
     out = {}
@@ -457,26 +485,35 @@ def _items(inst, spacing, structures, front, split, classes, fractions, members)
             continue
         touches = bool(mask[:, 0].any() or mask[:, -1].any() or mask[:, :, 0].any() or mask[:, :, -1].any())
         cut = touches and any(b.start == 0 or b.stop == n for b, n in zip(box[1:], inst.shape[1:]))
-        occ = mask
-        if members is not None:  # an ensemble member: its own class voxels near the final structure
-            near = ndimage.binary_dilation(mask, iterations=2)
-            occ = near & (members[box] == (2 if s.structure == "vertebra" else 3))
-            if s.structure == "vertebra" and not split:
-                occ = body_part(occ, front, origin)
-        elif fractions is not None:
-            occ = fractions[1 if s.structure == "vertebra" else 2][box] * ndimage.binary_dilation(mask, iterations=2)
         idx = np.nonzero(mask)
         x = float(idx[0].mean()) + origin[0]
-        near = np.abs(idx[0] + origin[0] - round(x)) <= 1
-        centroid = np.array([(idx[1][near].mean() + origin[1]) * spacing[1], (idx[2][near].mean() + origin[2]) * spacing[2]])
-        out[i] = _Item(i, _Planes(occ, origin, spacing), x, centroid, cut)
+        mid = np.abs(idx[0] + origin[0] - round(x)) <= 1
+        centroid = np.array([(idx[1][mid].mean() + origin[1]) * spacing[1], (idx[2][mid].mean() + origin[2]) * spacing[2]])
+        out[i] = _Shape(box, mask, x, centroid, cut)
+    return out
+
+
+def _items(shapes: dict[int, _Shape], structures, spacing, front, split, fractions, member) -> dict[int, _Item]:
+    """The items to measure: each shape's mask, or its partial volume, or an ensemble member's voxels of its
+    class near it (the member's body in front of the member's canal)."""
+    out = {}
+    for i, sh in shapes.items():
+        kind = structures[i].structure
+        occ = sh.mask
+        if member is not None:
+            occ = sh.near & (member[sh.box] == (2 if kind == "vertebra" else 3))
+            if kind == "vertebra" and not split:
+                occ = body_part(occ, front, sh.origin)
+        elif fractions is not None:
+            occ = fractions[1 if kind == "vertebra" else 2][sh.box] * sh.near
+        out[i] = _Item(i, _Planes(occ, sh.origin, spacing), sh.x, sh.centroid, sh.cut)
     return out
 
 
 def measure_structures(instance_map: np.ndarray, spacing: Sequence[float], structures: Sequence[StructureLike], *,
                        classes: np.ndarray | None = None, fractions: np.ndarray | None = None,
                        frames: dict[int, Frame] | None = None, members: np.ndarray | None = None,
-                       along: str = "column") -> list[Measured]:
+                       along: str = "column", cache: dict | None = None) -> list[Measured]:
     """Every measurement of the module docstring on a canonical instance map (structure ``value``s), ``spacing``
     in mm per canonical axis.  Rows: the bodies and discs in the order of ``structures``, then the canal's (one
     per disc and per body, top to bottom) when a canal structure is given.
@@ -486,17 +523,26 @@ def measure_structures(instance_map: np.ndarray, spacing: Sequence[float], struc
     and disc to measure on instead of the masks (a phantom's truth, or probabilities).  ``members`` with
     ``frames`` (value -> Frame of the final labels' measurement): an ensemble member's class map, measured in
     those frames, each structure from the member's voxels near the final structure.  ``along="rows"``
-    measures heights along image rows and depths along columns (only to show what that costs)."""
+    measures heights along image rows and depths along columns (only to show what that costs).  ``cache``: a
+    dict shared by the calls for one final labels and its members (the final shapes are found once)."""
     spacing = tuple(float(s) for s in spacing)
     inst = np.asarray(instance_map)
+    cache = {} if cache is None else cache  # what the ensemble members share: the final labels' shapes
     canal_s = next((s for s in structures if s.structure == "canal" and s.value is not None), None)
-    canal_mask = inst == canal_s.value if canal_s is not None else None
-    if members is not None and canal_mask is not None:
-        canal_mask = (members == 1) & ndimage.binary_dilation(canal_mask, iterations=2)
-    front = _canal_front(canal_mask, inst.shape[1]) if canal_mask is not None else None
     split = classes is not None and bool(np.any(classes == 4))
-    items = _items(inst, spacing, structures, front, split, classes, fractions, members)
-    reach_of = {i: 0.75 * float(np.hypot(it.planes.occ.shape[1] * spacing[1], it.planes.occ.shape[2] * spacing[2]))
+    if "shapes" not in cache:
+        final_canal = inst == canal_s.value if canal_s is not None else None
+        cache["canal"] = final_canal
+        cache["shapes"] = _shapes(inst, spacing, structures, _canal_front(final_canal, inst.shape[1])
+                                  if final_canal is not None else None, split, classes)
+    canal_mask = cache["canal"]
+    if members is not None and canal_mask is not None:
+        if "canal_near" not in cache:
+            cache["canal_near"] = ndimage.binary_dilation(canal_mask, iterations=2)
+        canal_mask = (members == 1) & cache["canal_near"]
+    front = _canal_front(canal_mask, inst.shape[1]) if canal_mask is not None else None
+    items = _items(cache["shapes"], structures, spacing, front, split, fractions, members)
+    reach_of = {i: 0.6 * float(np.hypot(it.planes.occ.shape[1] * spacing[1], it.planes.occ.shape[2] * spacing[2]))
                 for i, it in items.items()}
     if frames is not None:
         for i, it in items.items():
