@@ -279,3 +279,25 @@ def test_a_scan_that_kills_its_worker_is_one_failed_row(tmp_path):
     assert status == {"a": "ok", "crash": "failed", "b": "ok", "c": "ok", "d": "ok"}
     crash = next(r for r in rows if r["scan"] == "crash")
     assert "worker process died" in crash["error"]
+
+
+def test_a_symlink_loop_in_the_folder_is_one_failed_row(tmp_path, capsys):
+    """A link that points at itself among the scans (and a folder link in a loop): the batch does not crash,
+    the good scan is segmented and the loop is one failed row whose error says so in one sentence."""
+    ph = make_phantom(seed=2, spacing=(3.5, 2.0, 2.0), fov_mm=(10.0, 160.0, 120.0))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_volume(ph.image.data, scans / "good.nii.gz", like=ph.image, kind="image")
+    (scans / "loop.nii.gz").symlink_to("loop.nii.gz")
+    (scans / "a.nii.gz").symlink_to("b.nii.gz")
+    (scans / "b.nii.gz").symlink_to("a.nii.gz")
+    jobs, _ = batch.find_scans(scans, tmp_path / "out")
+    assert sorted(j.name for j in jobs) == ["a", "b", "good", "loop"]
+    code = main(["batch", str(scans), "-o", str(tmp_path / "out"), "--workers", "0", *FAST])
+    assert code == 3
+    rows = _rows(tmp_path / "out")
+    assert rows["good"]["status"] == "ok"
+    for name in ("loop", "a", "b"):
+        assert rows[name]["status"] == "failed"
+        assert "loop" in rows[name]["error"] and "\n" not in rows[name]["error"], rows[name]["error"]
+    assert "Traceback" not in capsys.readouterr().err

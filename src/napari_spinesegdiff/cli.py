@@ -613,8 +613,10 @@ def _add_batch(sub) -> None:
     p = sub.add_parser(
         "batch", help="segment a cohort: a folder, glob or table of scans -> mirrored outputs + results table",
         description="Segment many scans with one configuration. Outputs mirror the input tree under OUTDIR "
-                    "(<name>_labels, <name>_uncertainty, <name>.json) with OUTDIR/results.parquet and "
-                    "results.csv (one row per scan: status, error, volumes, uncertainty, QA flags). Scans "
+                    "(<name>_labels, <name>_uncertainty, <name>_levels.parquet, <name>.json) with "
+                    "OUTDIR/results.parquet and results.csv (one row per scan: status, error, volumes, "
+                    "uncertainty, QA flags, the level report's findings) and OUTDIR/levels.parquet and "
+                    "levels.csv (one row per scan and structure). Scans "
                     "whose outputs exist for the same input, model and settings are skipped, so a stopped "
                     "batch continues where it stopped. Exit codes: 0 every scan ok or skipped, 3 some scans "
                     "failed (rows with their error), 2 bad arguments, 130 cancelled.")
@@ -631,20 +633,24 @@ def _add_batch(sub) -> None:
                         "same paths")
     p.add_argument("--format", choices=["nii.gz", "nii", "mha", "nrrd"], default="nii.gz",
                    help="output file format (default nii.gz)")
+    p.add_argument("--report", action="store_true",
+                   help="also write <name>_report.png: the mid-sagittal slice with the level names, the measured "
+                        "lines and the measurements (needs matplotlib; drawn from the outputs of scans already "
+                        "done)")
     _segmentation_settings_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_batch)
 
 
 def cmd_batch(args) -> int:
-    from .batch import BatchError, run_batch
+    from .batch import LEVELS_CSV, LEVELS_PARQUET, BatchError, run_batch
 
     if args.workers is not None and args.workers < 0:
         return _fail(f"--workers must be 0 or more, got {args.workers}.")
     try:
         cfg = _config_from_args(args)
         summary = run_batch(args.input, args.output_dir, cfg, workers=args.workers, scheduler=args.scheduler,
-                            threads=args.threads_per_worker, suffix="." + args.format,
+                            threads=args.threads_per_worker, suffix="." + args.format, report=args.report,
                             progress=not args.no_progress)
     except (BatchError, ValueError) as exc:
         return _fail(str(exc))
@@ -652,7 +658,7 @@ def cmd_batch(args) -> int:
         return _fail(f"the batch cannot write its outputs ({exc}).", EXIT_ERROR)
     ok, skipped, failed = (summary.count(s) for s in ("ok", "skipped", "failed"))
     print(f"{len(summary.rows)} scans: {ok} ok, {skipped} skipped, {failed} failed; "
-          f"wrote {summary.parquet} and {summary.csv.name}")
+          f"wrote {summary.parquet}, {summary.csv.name}, {LEVELS_PARQUET} and {LEVELS_CSV}")
     for row in summary.rows:
         if row.get("status") == "failed":
             print(f"failed: {row['scan']}: {row['error']}", file=sys.stderr)

@@ -40,6 +40,7 @@ from .navigation import go_to
 from .qa import MAX_UNCERTAINTY
 from .queue_table import (
     DECISIONS,
+    LEVEL_SORTS,
     REVIEW_CSV,
     SORTS,
     QueueError,
@@ -131,7 +132,10 @@ class QueuePanel(QWidget):
         self.sort = QComboBox()
         self.sort.addItems(list(SORTS))
         self.sort.setToolTip("uncertainty: the most uncertain scan first. QA flags first: scans with QA flags, "
-                             "then the most uncertain. Failed scans are listed last and cannot be opened.")
+                             "then the most uncertain. Stenosis / height loss / slip / level doubt first: the "
+                             "scans with that finding of the level report first, the narrowest canal, worst "
+                             "Genant grade, largest slip or least sure level name leading (the finding is shown "
+                             "after the QA flags). Failed scans are listed last and cannot be opened.")
         self.sort.currentTextChanged.connect(lambda mode: self.set_sort(mode))
         top.addWidget(self.sort)
         lay.addLayout(top)
@@ -224,6 +228,10 @@ class QueuePanel(QWidget):
         for r, it in enumerate(self.items):
             review = self.reviews.get(it.scan, {})
             flags = it.flags_text if it.openable else f"error: {it.error}"
+            by = LEVEL_SORTS.get(self.sort.currentText())
+            finding = it.finding(by)[0] if by else ""
+            if finding and it.openable:
+                flags = f"{flags} | {finding}" if flags else finding
             decision = review.get("decision", "") + (" (edited)" if review.get("labels_edited") else "")
             cells = [it.scan, it.status, "" if it.score is None else f"{it.score:.4f}", decision, flags]
             for c, text in enumerate(cells):

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..batch import RESULTS_CSV, RESULTS_PARQUET
+from ..batch import FINDINGS, RESULTS_CSV, RESULTS_PARQUET
 from ..io.readers import file_suffix
 
 REVIEW_CSV = "review.csv"
@@ -37,7 +37,12 @@ REVIEW_COLUMNS: dict[str, str] = {"scan": "string", "decision": "string", "note"
 DECISIONS = ("accepted", "corrected", "rejected")
 #: Sort orders of the queue.
 SORT_UNCERTAINTY, SORT_QA = "uncertainty", "QA flags first"
-SORTS = (SORT_UNCERTAINTY, SORT_QA)
+#: Orders by the level report's findings (order -> the results column of :data:`~..batch.FINDINGS`): the
+#: scans with the finding first, each order by its severity (narrowest canal, worst Genant grade, largest
+#: slip, least sure level name), then the most uncertain.
+LEVEL_SORTS = {"stenosis first": "stenosis", "height loss first": "height_loss", "slip first": "slip",
+               "level doubt first": "level_doubt"}
+SORTS = (SORT_UNCERTAINTY, SORT_QA, *LEVEL_SORTS)
 OPENABLE = ("ok", "skipped")
 
 
@@ -80,6 +85,8 @@ class QueueItem:
     flags: tuple[str, ...]
     vertebrae: str
     slices: range | None  # canonical slices the batch segmented
+    #: the level report's findings: (text column, its text, its number) for each of :data:`~..batch.FINDINGS`
+    findings: tuple[tuple[str, str, float | None], ...] = ()
 
     @property
     def openable(self) -> bool:
@@ -89,6 +96,10 @@ class QueueItem:
     @property
     def flags_text(self) -> str:
         return "; ".join(self.flags)
+
+    def finding(self, column: str) -> tuple[str, float | None]:
+        """The text (``""`` when none) and the number of one finding (``"stenosis"``, ``"height_loss"``, ...)."""
+        return next(((text, number) for c, text, number in self.findings if c == column), ("", None))
 
 
 def results_path(path: str | os.PathLike) -> Path:
@@ -148,20 +159,30 @@ def read_results(path: str | os.PathLike) -> tuple[Path, list[QueueItem]]:
             scan=scan, status=str(_value(r.get("status")) or ""), error=str(_value(r.get("error")) or ""),
             input=Path(str(r["input"])) if _value(r.get("input")) else None, labels=rel("labels"),
             uncertainty=rel("uncertainty"), sidecar=outdir / f"{scan}.json", score=_float(r.get("uncertainty_score")),
-            flags=flags, vertebrae=str(_value(r.get("vertebrae")) or "whole"), slices=_slices(r.get("slices"))))
+            flags=flags, vertebrae=str(_value(r.get("vertebrae")) or "whole"), slices=_slices(r.get("slices")),
+            findings=tuple((text, str(_value(r.get(text)) or ""), _float(r.get(number)))
+                           for text, number, _ in FINDINGS)))
     return outdir, items
 
 
 def sort_items(items: list[QueueItem], mode: str = SORT_UNCERTAINTY) -> list[QueueItem]:
-    """Most uncertain first (``SORT_UNCERTAINTY``), or scans with QA flags first and then the most uncertain
-    (``SORT_QA``); scans that cannot be opened (failed) last, by name."""
+    """Most uncertain first (``SORT_UNCERTAINTY``), scans with QA flags first and then the most uncertain
+    (``SORT_QA``), or by a finding of the level report (:data:`LEVEL_SORTS`); scans that cannot be opened
+    (failed) last, by name."""
     if mode not in SORTS:
         raise ValueError(f"sort must be one of {SORTS}, not {mode!r}.")
+    finding = next((f for f in FINDINGS if f[0] == LEVEL_SORTS.get(mode)), None)
 
     def key(it: QueueItem):
         score = -it.score if it.score is not None else math.inf
-        flagged = 0 if (mode == SORT_QA and it.flags) else 1
-        return (not it.openable, flagged, score, it.scan)
+        severity = math.inf
+        if finding is not None:
+            text, number = it.finding(finding[0])
+            flagged = 0 if text else 1
+            severity = -finding[2] * number if number is not None else math.inf
+        else:
+            flagged = 0 if (mode == SORT_QA and it.flags) else 1
+        return (not it.openable, flagged, severity, score, it.scan)
 
     return sorted(items, key=key)
 

@@ -14,6 +14,7 @@ from ..config import SegmentationConfig
 from .engines import _run_dask, _run_inline, _run_pool, default_workers
 from .inputs import find_scans
 from .jobs import BatchError, ScanJob, _write_json, prepare
+from .levels import read_scan_levels, write_levels
 from .tables import stored_rows, write_results
 from .worker import _skipped, stored_row
 
@@ -24,9 +25,39 @@ class BatchSummary:
     parquet: Path
     csv: Path
     ignored: list[str] = field(default_factory=list)
+    levels_parquet: Path | None = None
+    levels_csv: Path | None = None
 
     def count(self, status: str) -> int:
         return sum(r.get("status") == status for r in self.rows)
+
+
+class LevelTables:
+    """The cohort's levels table, rebuilt from the per-scan tables of the rows ``ok`` or ``skipped`` (each
+    read again only when its file changed)."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+        self.paths: tuple[Path | None, Path | None] = (None, None)
+        self._read: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # scan -> (file's mtime_ns, rows)
+
+    def rows_of(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        if row.get("status") not in ("ok", "skipped") or not row.get("levels"):
+            return []
+        path = self.outdir / str(row["levels"])
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            return []
+        cached = self._read.get(row["scan"])
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, read_scan_levels(path))
+            self._read[row["scan"]] = cached
+        return cached[1]
+
+    def write(self, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+        self.paths = write_levels(self.outdir, [(r["scan"], self.rows_of(r)) for r in rows])
+        return self.paths
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -49,19 +80,23 @@ def run_batch(
     scheduler: str | None = None,
     threads: int = 1,
     suffix: str = ".nii.gz",
+    report: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> BatchSummary:
-    """Segment every scan of ``source`` (:func:`find_scans`) into ``outdir`` and write the results table.
+    """Segment every scan of ``source`` (:func:`find_scans`) into ``outdir`` and write the results and levels
+    tables.
 
     ``workers``: local process pool size (None: :func:`default_workers`; 0: in this process);
     ``scheduler``: a Dask scheduler address or ``local:N`` instead of the pool; ``threads``: torch threads
-    per worker.  Scans already up to date are skipped here, without reading them.  The table is rewritten
-    every minute and at the end (also on Ctrl-C), in the order of the scans, from this run's rows and, for
-    scans this run has not reached, the row files of an earlier run with the same model and settings.
+    per worker; ``report``: a PNG per scan (drawn from the outputs of a scan already up to date).  Scans
+    already up to date are skipped here, without reading them.  The tables are rewritten every minute and at
+    the end (also on Ctrl-C), in the order of the scans, from this run's rows and, for scans this run has not
+    reached, the row files of an earlier run with the same model and settings; the levels table from the
+    per-scan levels tables of the scans whose row is ``ok`` or ``skipped``.
     """
     out = Path(outdir)
-    settings = prepare(config, out, threads, suffix)
+    settings = prepare(config, out, threads, suffix, report)
     jobs, ignored = find_scans(source, out)
     if ignored:
         log(f"ignored {len(ignored)} file(s) whose names mark labels (e.g. {ignored[0]})")
@@ -82,8 +117,12 @@ def run_batch(
     def table_rows() -> list[dict[str, Any]]:
         return [r for r in (rows.get(j.name) or earlier.get(j.name) for j in jobs) if r is not None]
 
+    level_tables = LevelTables(out)
+
     def table() -> tuple[Path, Path]:
-        return write_results(out, table_rows())
+        found = table_rows()
+        level_tables.write(found)
+        return write_results(out, found)
 
     def on_row(row: dict[str, Any]) -> None:
         rows[row["scan"]] = row
@@ -102,7 +141,7 @@ def run_batch(
         for job in jobs:
             t0 = time.perf_counter()
             stored = stored_row(job, settings)
-            if stored is not None:
+            if stored is not None and (not report or settings.report_path(job).is_file()):
                 on_row(_skipped(stored, job, settings, t0))
             else:
                 pending.append(job)
@@ -119,4 +158,4 @@ def run_batch(
         if bar is not None:
             bar.close()
         parquet, csv_path = table()
-    return BatchSummary(table_rows(), parquet, csv_path, ignored)
+    return BatchSummary(table_rows(), parquet, csv_path, ignored, *level_tables.paths)

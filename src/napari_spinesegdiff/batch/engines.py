@@ -40,7 +40,7 @@ def default_workers(threads: int = 1, jobs: int | None = None) -> int:
 
 def _died(job: ScanJob, settings: BatchSettings, why: str) -> dict[str, Any]:
     row = _base_row(job, settings)
-    row.update(status="failed", error=why, seconds=None, labels=None, uncertainty=None)
+    row.update(status="failed", error=why, seconds=None, labels=None, uncertainty=None, levels=None)
     return row
 
 

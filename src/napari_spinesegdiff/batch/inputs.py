@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from ..io.guard import resolved
 from ..io.readers import dicom_files_in, file_stem, file_suffix, is_dicom_file, looks_like_labels_path
 from .jobs import BatchError, ScanJob, _sha256_file
 
@@ -37,7 +38,7 @@ def _inside(path: Path, folder: Path | None) -> bool:
     if folder is None:
         return False
     try:
-        path.resolve().relative_to(folder)
+        resolved(path).relative_to(folder)
         return True
     except ValueError:
         return False
@@ -108,11 +109,11 @@ def _clean_name(name: str) -> str:
 
 def _name_for(path: Path, root: Path) -> str:
     try:
-        rel = path.resolve().relative_to(root.resolve())
+        rel = resolved(path).relative_to(resolved(root))
     except ValueError:
         rel = Path(path.name)
     if str(rel) in ("", "."):
-        rel = Path(path.resolve().name)
+        rel = Path(resolved(path).name)
     if path.is_dir():
         return _clean_name(rel.as_posix())
     return _clean_name((rel.parent / file_stem(rel)).as_posix())
@@ -132,7 +133,7 @@ def _unique(pairs: list[tuple[Path, str]]) -> list[ScanJob]:
         while name.lower() in used:
             name, k = f"{base}_{k}", k + 1
         used.add(name.lower())
-        jobs.append(ScanJob(str(path.resolve()), name))
+        jobs.append(ScanJob(str(resolved(path)), name))
     return jobs
 
 
@@ -148,7 +149,7 @@ def find_scans(source: str | os.PathLike, outdir: str | os.PathLike | None = Non
     paths relative to the folder, the glob's fixed prefix or the table's common folder.
     """
     src = str(source)
-    out = Path(outdir).resolve() if outdir is not None else None
+    out = resolved(outdir) if outdir is not None else None
     ignored: list[str] = []
     found: list[tuple[Path, Path]] = []
     p = Path(src)
@@ -156,10 +157,10 @@ def find_scans(source: str | os.PathLike, outdir: str | os.PathLike | None = Non
         paths, ids = _read_table(p)
         if any(not q.strip() for q in paths):
             raise BatchError(f"The table {p} has rows with an empty 'path'.")
-        resolved = [Path(q) if Path(q).is_absolute() else (p.parent / q).resolve() for q in paths]
-        parents = [str(q.parent) for q in resolved]
+        listed = [Path(q) if Path(q).is_absolute() else resolved(p.parent / q) for q in paths]
+        parents = [str(q.parent) for q in listed]
         root = Path(os.path.commonpath(parents)) if parents else p.parent
-        pairs = [(q, _clean_name(i) if i else _name_for(q, root)) for q, i in zip(resolved, ids)]
+        pairs = [(q, _clean_name(i) if i else _name_for(q, root)) for q, i in zip(listed, ids)]
         return _unique(pairs), ignored
     if p.is_dir():
         _walk(p, out, found, ignored)
@@ -182,7 +183,7 @@ def find_scans(source: str | os.PathLike, outdir: str | os.PathLike | None = Non
         raise BatchError(f"{src} does not exist (give a folder, a glob pattern, a CSV/Parquet table or a scan).")
     seen, pairs = set(), []
     for path, root in found:
-        key = str(path.resolve())
+        key = str(resolved(path))
         if key not in seen:
             seen.add(key)
             pairs.append((path, _name_for(path, root)))

@@ -17,6 +17,8 @@ from ..config import SegmentationConfig
 RESULTS_PARQUET = "results.parquet"
 RESULTS_CSV = "results.csv"
 ROWS_DIR = ".rows"
+LEVELS_PARQUET = "levels.parquet"
+LEVELS_CSV = "levels.csv"
 OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 
 
@@ -47,6 +49,7 @@ class BatchSettings:
     settings_sha256: str
     threads: int = 1  # torch threads per worker
     suffix: str = ".nii.gz"
+    report: bool = False  # a PNG per scan (``batch --report``)
 
     def labels_path(self, job: ScanJob) -> Path:
         return Path(self.outdir) / f"{job.name}_labels{self.suffix}"
@@ -56,6 +59,12 @@ class BatchSettings:
 
     def sidecar_path(self, job: ScanJob) -> Path:
         return Path(self.outdir) / f"{job.name}.json"
+
+    def levels_path(self, job: ScanJob) -> Path:
+        return Path(self.outdir) / f"{job.name}_levels.parquet"
+
+    def report_path(self, job: ScanJob) -> Path:
+        return Path(self.outdir) / f"{job.name}_report.png"
 
     def row_path(self, job: ScanJob) -> Path:
         return Path(self.outdir) / ROWS_DIR / f"{job.name}.json"
@@ -97,16 +106,25 @@ def settings_sha256(config: SegmentationConfig) -> str:
 
 
 def prepare(config: SegmentationConfig, outdir: str | os.PathLike, threads: int = 1,
-            suffix: str = ".nii.gz") -> BatchSettings:
+            suffix: str = ".nii.gz", report: bool = False) -> BatchSettings:
+    """The settings of a batch, or :class:`BatchError` before any work: an unknown output format, a prior
+    that cannot fit every scan, no threads, a missing checkpoint, or ``report`` without matplotlib."""
     if suffix not in OUTPUT_SUFFIXES:
         raise BatchError(f"The output format must be one of {', '.join(OUTPUT_SUFFIXES)}, got {suffix!r}.")
     if config.prior not in ("baseline", "none"):
         raise BatchError("A batch takes the prior 'baseline' or 'none' (one labels file cannot fit every scan).")
     if threads < 1:
         raise BatchError(f"threads per worker must be at least 1, got {threads}.")
+    if report:
+        from ..report.figure import FigureError, check_available
+
+        try:
+            check_available()
+        except FigureError as exc:
+            raise BatchError(f"--report: {exc}") from None
     diffusion, baseline = model_sha256(config)
     return BatchSettings(str(Path(outdir).resolve()), config, diffusion, baseline, settings_sha256(config),
-                         threads, suffix)
+                         threads, suffix, report)
 
 
 def one_sentence(exc: BaseException) -> str:

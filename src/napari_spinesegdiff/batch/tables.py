@@ -1,5 +1,6 @@
-"""The results table: its columns (:data:`COLUMNS`), written as Parquet and CSV (:func:`write_results`), and
-the row files of an earlier run (:func:`stored_rows`)."""
+"""The results table: its columns (:data:`COLUMNS`), written as Parquet and CSV (:func:`write_results`, through
+:func:`write_tables`, which also writes the cohort's levels table), and the row files of an earlier run
+(:func:`stored_rows`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,23 @@ import csv
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .jobs import RESULTS_CSV, RESULTS_PARQUET, BatchSettings, ScanJob, _read_json
 from .qa import STRUCTURES
 
+#: The level report's summary columns of the results row, with their Arrow types (filled by
+#: :func:`~napari_spinesegdiff.batch.levels.summarise`, which says what they hold).
+SUMMARY_COLUMNS: dict[str, str] = {
+    "levels": "string", "level_anchor": "string",
+    "stenosis": "string", "canal_ap_min_mm": "float64",
+    "height_loss": "string", "height_loss_grade": "int64",
+    "slip": "string", "slip_max_percent": "float64",
+    "level_doubt": "string", "level_confidence_min": "float64",
+}
+#: The summary columns a review queue orders by: (text column, number column, +1 when larger is worse).
+FINDINGS = (("stenosis", "canal_ap_min_mm", -1), ("height_loss", "height_loss_grade", 1),
+            ("slip", "slip_max_percent", 1), ("level_doubt", "level_confidence_min", -1))
 #: Columns of the results table, in order, with their Arrow types.
 COLUMNS: dict[str, str] = {
     "scan": "string", "input": "string", "status": "string", "error": "string", "seconds": "float64",
@@ -20,21 +33,21 @@ COLUMNS: dict[str, str] = {
     "labels": "string", "uncertainty": "string",
     **{f"{s}_{m}": "float64" for s in STRUCTURES.values() for m in ("ml", "unc_mean", "unc_max")},
     "canal_pieces": "int64", "vertebra_levels": "int64", "disc_levels": "int64",
-    "uncertainty_score": "float64", "qa_flags": "string", "qa_pass": "bool",
+    "uncertainty_score": "float64", "qa_flags": "string", "qa_pass": "bool", **SUMMARY_COLUMNS,
     "worker": "string", "peak_rss_mb": "float64", "finished": "string",
 }
 
 
-def _arrow_schema():
+def _arrow_schema(columns: dict[str, str]):
     import pyarrow as pa
 
     types = {"string": pa.string(), "float64": pa.float64(), "int64": pa.int64(), "bool": pa.bool_()}
-    return pa.schema([(name, types[kind]) for name, kind in COLUMNS.items()])
+    return pa.schema([(name, types[kind]) for name, kind in columns.items()])
 
 
-def _clean_row(row: dict[str, Any]) -> dict[str, Any]:
+def _clean_row(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
     out = {}
-    for name, kind in COLUMNS.items():
+    for name, kind in columns.items():
         v = row.get(name)
         if v is not None:
             try:
@@ -45,17 +58,18 @@ def _clean_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_results(outdir: str | os.PathLike, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
-    """``results.parquet`` and ``results.csv`` in ``outdir`` (each written to a temporary file, then
-    ``os.replace``), columns :data:`COLUMNS`."""
+def write_tables(outdir: str | os.PathLike, rows: Sequence[dict[str, Any]], columns: dict[str, str],
+                 names: tuple[str, str]) -> tuple[Path, Path]:
+    """The Parquet and CSV files ``names`` in ``outdir`` (each written to a temporary file, then
+    ``os.replace``) of ``rows``, with ``columns`` (name -> Arrow type; missing cells empty)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    clean = [_clean_row(r) for r in rows]
-    table = pa.Table.from_pylist(clean, schema=_arrow_schema())
-    paths = (out / RESULTS_PARQUET, out / RESULTS_CSV)
+    clean = [_clean_row(r, columns) for r in rows]
+    table = pa.Table.from_pylist(clean, schema=_arrow_schema(columns))
+    paths = (out / names[0], out / names[1])
     for path in paths:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out)
         os.close(fd)
@@ -64,7 +78,7 @@ def write_results(outdir: str | os.PathLike, rows: list[dict[str, Any]]) -> tupl
                 pq.write_table(table, tmp)
             else:
                 with open(tmp, "w", newline="") as fh:
-                    w = csv.DictWriter(fh, fieldnames=list(COLUMNS))
+                    w = csv.DictWriter(fh, fieldnames=list(columns))
                     w.writeheader()
                     for r in clean:
                         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
@@ -74,6 +88,11 @@ def write_results(outdir: str | os.PathLike, rows: list[dict[str, Any]]) -> tupl
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return paths
+
+
+def write_results(outdir: str | os.PathLike, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+    """``results.parquet`` and ``results.csv`` in ``outdir``, columns :data:`COLUMNS` (:func:`write_tables`)."""
+    return write_tables(outdir, rows, COLUMNS, (RESULTS_PARQUET, RESULTS_CSV))
 
 
 def stored_rows(jobs: list[ScanJob], settings: BatchSettings) -> dict[str, dict[str, Any]]:

@@ -8,10 +8,11 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .inputs import input_sha256, input_stat
 from .jobs import BatchSettings, ScanJob, _read_json, _write_json, one_sentence
+from .levels import report_from_outputs, scan_levels, summary_row, write_report, write_scan_levels
 from .qa import measure
 from .tables import COLUMNS
 
@@ -54,6 +55,7 @@ def _base_row(job: ScanJob, settings: BatchSettings) -> dict[str, Any]:
                vertebrae=settings.config.vertebrae,
                labels=settings.labels_path(job).relative_to(out).as_posix(),
                uncertainty=settings.uncertainty_path(job).relative_to(out).as_posix(),
+               levels=settings.levels_path(job).relative_to(out).as_posix(),
                worker=f"{socket.gethostname()}:{os.getpid()}")
     return row
 
@@ -61,15 +63,17 @@ def _base_row(job: ScanJob, settings: BatchSettings) -> dict[str, Any]:
 def stored_row(job: ScanJob, settings: BatchSettings, input_sha: str | None = None) -> dict[str, Any] | None:
     """The stored results row when this scan's outputs are up to date, else None.
 
-    Up to date: the sidecar's key equals this batch's (input hash, model hashes, settings hash) and both
-    outputs exist.  Without ``input_sha`` the input is not read: its recorded size and modification time
-    must be unchanged instead.
+    Up to date: the sidecar's key equals this batch's (input hash, model hashes, settings hash) and the
+    outputs exist (labels, uncertainty and levels table; the report figure is drawn from them when missing).
+    Without ``input_sha`` the input is not read: its recorded size and modification time must be unchanged
+    instead.
     """
     side = _read_json(settings.sidecar_path(job))
     info = side.get("batch") if side else None
     if not isinstance(info, dict) or not isinstance(info.get("row"), dict) or not isinstance(info.get("key"), dict):
         return None
-    if not (settings.labels_path(job).is_file() and settings.uncertainty_path(job).is_file()):
+    if not all(path.is_file() for path in (settings.labels_path(job), settings.uncertainty_path(job),
+                                           settings.levels_path(job))):
         return None
     key = info["key"]
     if input_sha is None:
@@ -90,12 +94,21 @@ def _skipped(row: dict[str, Any], job: ScanJob, settings: BatchSettings, t0: flo
     return out
 
 
+def _report(row: dict[str, Any], draw: Callable[[], Any]) -> None:
+    """Draw a scan's report figure; a figure that cannot be drawn is said in ``error``, the scan stays."""
+    try:
+        draw()
+    except Exception as exc:  # noqa: BLE001 - the segmentation and its tables are written already
+        row["error"] = f"No report figure: {one_sentence(exc)}"
+
+
 def segment_scan(job: ScanJob, settings: BatchSettings) -> dict[str, Any]:
     """Segment one scan into its outputs and return its results row; never raises for a bad scan.
 
     Skips the work when the outputs are up to date (:func:`stored_row` with the input's hash).  Writes the
-    labels and the uncertainty map (atomically, in the scan's geometry), then the sidecar with the skip key
-    and the row.  Any failure is a ``failed`` row with a one-sentence ``error``.
+    labels and the uncertainty map (atomically, in the scan's geometry), the levels table
+    (:mod:`.levels`), the report figure with ``settings.report``, then the sidecar with the skip key and the
+    row.  Any failure is a ``failed`` row with a one-sentence ``error``.
     """
     t0 = time.perf_counter()
     row = _base_row(job, settings)
@@ -108,7 +121,10 @@ def segment_scan(job: ScanJob, settings: BatchSettings) -> dict[str, Any]:
             if side is not None and side["batch"].get("input_stat") != input_stat(job.path):
                 side["batch"]["input_stat"] = input_stat(job.path)
                 _write_json(settings.sidecar_path(job), side)
-            return _skipped(stored, job, settings, t0)
+            row = _skipped(stored, job, settings, t0)
+            if settings.report and not settings.report_path(job).is_file():
+                _report(row, lambda: report_from_outputs(job, settings))
+            return row
         _setup_worker(settings.threads)
         from ..io.readers import read_volume
         from ..io.writers import write_volume
@@ -116,9 +132,11 @@ def segment_scan(job: ScanJob, settings: BatchSettings) -> dict[str, Any]:
 
         cfg = settings.config
         volume = read_volume(job.path, kind="image")
-        result = run(volume, cfg, stream_every=0)
+        result = run(volume, cfg, stream_every=0, keep_samples=True)
         row.update(measure(result.canonical_labels, result.canonical_uncertainty,
                            volume.orientation.canonical_spacing, result.slices, cfg.vertebrae))
+        levels, inst, why = scan_levels(result, cfg.vertebrae)
+        row.update(summary_row(levels, inst, why, row["levels"]))
         chosen = result.slices
         row["slices"] = f"{chosen[0]}:{chosen[-1] + 1}" if chosen else ""
         row["n_slices"] = int(result.canonical_labels.shape[0])
@@ -126,14 +144,20 @@ def segment_scan(job: ScanJob, settings: BatchSettings) -> dict[str, Any]:
         write_volume(result.labels.data, settings.labels_path(job), like=volume, kind="labels", produced_by=prov)
         write_volume(result.uncertainty.data, settings.uncertainty_path(job), like=volume, kind="image",
                      produced_by=prov)
+        write_scan_levels(levels, settings.levels_path(job))
         row.update(status="ok", error="", seconds=round(time.perf_counter() - t0, 3),
                    peak_rss_mb=_peak_rss_mb(), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if settings.report and inst is None:
+            row["error"] = "No report figure: the levels were not found."
+        elif settings.report:
+            _report(row, lambda: write_report(settings.report_path(job), volume.canonical(), inst, levels, job.name))
         prov["outputs"] = {"labels": str(settings.labels_path(job)),
-                           "uncertainty": str(settings.uncertainty_path(job))}
+                           "uncertainty": str(settings.uncertainty_path(job)),
+                           "levels": str(settings.levels_path(job))}
         prov["batch"] = {"key": settings.key(sha), "input_stat": input_stat(job.path), "row": row}
         _write_json(settings.sidecar_path(job), prov)
     except Exception as exc:  # noqa: BLE001 - one bad scan is a row, never the end of the batch
-        row.update(status="failed", error=one_sentence(exc), labels=None, uncertainty=None)
+        row.update(status="failed", error=one_sentence(exc), labels=None, uncertainty=None, levels=None)
     row["seconds"] = round(time.perf_counter() - t0, 3)
     row["peak_rss_mb"] = _peak_rss_mb()
     return row

@@ -57,7 +57,8 @@ def levels_rows(structures: Sequence[Any], measured: Sequence[Measured], *, inst
                 spacing: Sequence[float], uncertainty: np.ndarray | None = None,
                 intervals: Sequence[dict[str, tuple[float, float]]] | None = None) -> list[dict[str, Any]]:
     """Table rows (:data:`COLUMNS`) from the measured rows and their structures (``value``, ``level``,
-    ``level_confidence``, ``flags``): volumes and mean uncertainty from the canonical ``instance_map``."""
+    ``level_confidence``, ``flags``): volumes and mean uncertainty from the canonical ``instance_map``; each row
+    also keeps its measured ``lines`` (canonical voxel coordinates), which the table files leave out."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     inst = np.asarray(instance_map)
     boxes = ndimage.find_objects(inst) if inst.size and inst.max() > 0 else []
@@ -86,6 +87,7 @@ def levels_rows(structures: Sequence[Any], measured: Sequence[Measured], *, inst
             row[lo_name], row[hi_name] = _number(lo), _number(hi)
         flags = [*(getattr(own, "flags", ()) or ()), *m.flags]
         row["flags"] = ";".join(dict.fromkeys(flags))
+        row["lines"] = list(m.lines)  # what was measured, for figures and the viewer (not a table column)
         rows.append(row)
     return rows
 
