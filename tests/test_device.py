@@ -75,3 +75,15 @@ def test_the_dock_prepares_no_model_on_a_missing_device(no_accelerator):
     with pytest.raises(DeviceError, match=r"^Device cuda was asked for, but ") as info:
         preload_in_thread(SegmentationConfig(device="cuda"), None)
     assert _one_sentence(str(info.value))  # the dock shows it after "The model could not be prepared: "
+
+
+@pytest.mark.parametrize("name", ["cuda", "mps"])
+def test_train_on_a_missing_device_exits_2_before_reading_data(no_accelerator, tmp_path, capsys, name):
+    out = tmp_path / "run"
+    code = main(["train", "--data", "phantom:2", "--out", str(out), "--preset", "tiny", "--iterations", "2",
+                 "--device", name, "--no-progress"])
+    err = capsys.readouterr()
+    assert code == 2
+    assert err.err.strip().startswith(f"spinesegdiff: error: Device {name} was asked for, but ")
+    assert "Traceback" not in err.err and "training cases" not in err.out  # refused before the data
+    assert not out.exists()

@@ -402,6 +402,12 @@ def cmd_train(args) -> int:
         return _fail(str(exc))
     if not 0.0 <= args.randomize_contrast <= 1.0:
         return _fail(f"--randomize-contrast is a share of the crops, between 0 and 1; got {args.randomize_contrast}")
+    from .model.device import DeviceError, resolve_device
+
+    try:  # before the data are read: a device this machine lacks is one sentence, not a traceback later
+        resolve_device(args.device)
+    except DeviceError as exc:
+        return _fail(str(exc))
     t0 = time.perf_counter()
     try:
         cases = gather(args.data, tuple(args.spacing), soft=args.soft_targets)
