@@ -60,12 +60,12 @@ def test_export_of_a_scan_file_goes_next_to_it_in_the_file_geometry(qtbot, make_
     configure(w, steps=2, slices="2:4")
     assert run(qtbot, w) == "done"
     out = w.export_results()
-    assert [p.parent for p in out] == [scan.parent] * 3
+    assert [p.parent for p in out] == [scan.parent] * len(out) and out[-1].suffix == ".json"
     lab = read_volume(out[0], kind="labels")
     np.testing.assert_allclose(lab.affine, source.affine, atol=1e-5)
     assert lab.shape == source.shape
     np.testing.assert_array_equal(lab.canonical(), viewer.layers[LABELS_NAME].data)
-    side = json.loads(out[2].read_text())
+    side = json.loads(out[-1].read_text())
     assert side["runs"][0]["input"]["path"] == str(scan)
 
 

@@ -1,6 +1,8 @@
 """Export and provenance: the (edited) labels and the uncertainty map written in the scan's own file
-geometry and array order, with a JSON sidecar naming the runs behind them, the segmented slices and what
-was edited by hand."""
+geometry and array order, with the level report when it describes those labels (the instance map in SPIDER's
+values and the levels table), and a JSON sidecar naming the runs behind them, the segmented slices, what was
+edited by hand and the numbering.  All files are written to temporaries and moved into place together
+(:class:`~..io.outputs.OutputSet`): a failed export leaves what the folder held before."""
 
 from __future__ import annotations
 
@@ -59,8 +61,9 @@ class Exporter:
         """Write the labels layer (with edits) and the uncertainty map in the scan's geometry, and a JSON
         provenance sidecar, to ``folder`` (default: the scan's folder, or one asked for when the scan has
         no file).  Returns the written paths (``[]`` when nothing was written)."""
+        from ..io.outputs import OutputSet
         from ..io.readers import file_stem, file_suffix
-        from ..io.writers import write_canonical
+        from ..report.table import write_levels_table
 
         labels, unc = self.layers.find(LABELS_NAME), self.layers.find(UNCERTAINTY_NAME)
         image = self.state.result_image
@@ -78,21 +81,37 @@ class Exporter:
         ext = file_suffix(src) if src is not None and file_suffix(src) in (".nii.gz", ".nii", ".mha", ".nrrd") \
             else ".nii.gz"
         note = f"spinesegdiff {__version__} napari"
+        to_file = like.orientation.from_canonical
+        report = self.state.levels if self.state.levels_current and self.state.levels.instances is not None else None
         try:
-            out_l = write_canonical(np.asarray(labels.data), folder / f"{stem}_spinesegdiff_labels{ext}", like,
-                                    kind="labels", produced_by=f"{note} labels")
-            out_u = write_canonical(np.asarray(unc.data, np.float32), folder / f"{stem}_spinesegdiff_uncertainty{ext}",
-                                    like, kind="image", produced_by=f"{note} uncertainty")
-        except ValueError as exc:
+            with OutputSet() as out:
+                out_l = out.add_volume(to_file(np.asarray(labels.data)), folder / f"{stem}_spinesegdiff_labels{ext}",
+                                       like, kind="labels", produced_by=f"{note} labels")
+                out_u = out.add_volume(to_file(np.asarray(unc.data, np.float32)),
+                                       folder / f"{stem}_spinesegdiff_uncertainty{ext}", like, kind="image",
+                                       produced_by=f"{note} uncertainty")
+                levels = None
+                if report is not None:
+                    levels = (out.add_volume(to_file(np.asarray(report.instances.canonical)),
+                                             folder / f"{stem}_spinesegdiff_instances{ext}", like, kind="labels",
+                                             produced_by=f"{note} instances (SPIDER values)"),
+                              write_levels_table(report.rows, folder / f"{stem}_spinesegdiff_levels.csv", outputs=out))
+                sidecar = out.add_text(folder / f"{stem}_spinesegdiff.json",
+                                       json.dumps(self.provenance(out_l, out_u, levels), indent=1, default=str))
+                written = out.commit()
+        except (OSError, ValueError) as exc:
             self.state.refuse(str(exc))
             return []
-        sidecar = folder / f"{stem}_spinesegdiff.json"
-        sidecar.write_text(json.dumps(self.provenance(out_l, out_u), indent=1, default=str))
-        self.state.say(f"Exported to {folder}: {out_l.name}, {out_u.name}, {sidecar.name}.")
-        return [out_l, out_u, sidecar]
+        why = "" if report is not None or self.state.levels is None else (
+            " The levels were left out: the labels changed since they were measured (press Refresh tables, then "
+            "Export).")
+        self.state.say(f"Exported to {folder}: {', '.join(p.name for p in written)}.{why}")
+        return [out_l, out_u, *(levels or ()), sidecar]
 
-    def provenance(self, labels_path: Path | None = None, uncertainty_path: Path | None = None) -> dict[str, Any]:
-        """The sidecar: the runs behind the layers, the segmented slices and what was edited by hand."""
+    def provenance(self, labels_path: Path | None = None, uncertainty_path: Path | None = None,
+                   levels: tuple[Path, Path] | None = None) -> dict[str, Any]:
+        """The sidecar: the runs behind the layers, the segmented slices, what was edited by hand and, with
+        ``levels`` (the instance map and levels table written), the level report's numbering."""
         st = self.state
         labels = self.layers.find(LABELS_NAME)
         changed = 0
@@ -101,7 +120,12 @@ class Exporter:
         return {
             "produced_by": f"spinesegdiff {__version__} napari widget",
             "outputs": {"labels": str(labels_path) if labels_path else None,
-                        "uncertainty": str(uncertainty_path) if uncertainty_path else None},
+                        "uncertainty": str(uncertainty_path) if uncertainty_path else None,
+                        "instances": str(levels[0]) if levels else None,
+                        "levels": str(levels[1]) if levels else None},
+            "levels": None if not levels or st.levels is None else {
+                "anchor": st.levels.anchor, "shift": st.levels.shift, "flags": list(st.levels.scan_flags),
+                "measured_on": st.levels.inputs.source, "intervals": st.levels.has_intervals},
             "image_layer": st.result_image.name if st.result_image is not None else None,
             "segmented_slices": sorted(st.segmented),
             "classes": {str(k): v for k, v in st.label_names.items()},

@@ -6,6 +6,10 @@ Results: ``spine labels`` (fixed label colours, ``CLASS_COLORS``; label names fr
 ``uncertainty`` (inferno, 0..1/e) and one hidden ``P(<channel>)`` layer per model channel, all with the
 image's scale and translate.  A re-run on the same image with the same label scheme replaces the slices it
 segmented (the other slices and their edits stay); any other run replaces the layers.
+
+The level report's layers: ``instances`` (the structures in SPIDER's values, outlined; its features give each
+value's level name and measurements, which napari's status bar shows under the cursor) and ``measurements``
+(a Shapes layer of the measured lines with their values as text).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from .. import CLASS_COLORS
 from ..io.volume import Volume
 from ..labelscheme import ChannelRoles, label_names
+from .levels import LevelInputs, LevelReport, instance_features, measured_lines
 from .qa import MAX_UNCERTAINTY, streamed_steps, trajectory_frames
 from .state import ActiveRun, RunState
 
@@ -32,6 +37,8 @@ UNCERTAINTY_NAME = "uncertainty"
 DENOISING_NAME = "denoising"
 TRAJECTORY_NAME = "denoising trajectory"
 OVERLAY_NAME = "uncertain boundary"
+INSTANCES_NAME = "instances"  # SPIDER instance values; features: each structure's level name and measurements
+MEASUREMENTS_NAME = "measurements"  # the measured lines (Shapes) with their values as text
 OUTPUT_KEY = "spinesegdiff_output"  # metadata flag of the layers the dock makes
 
 LABEL_COLORS = CLASS_COLORS
@@ -182,6 +189,9 @@ class ResultLayers:
             lambda: self.put_labels(self.merged(LABELS_NAME, res.canonical_labels, idx, keep), names, geometry, meta),
             lambda: self.finish_trajectory(run),
         ]
+        if not keep and run.levels is not None:  # merged into earlier slices: the Review tab measures the layer
+            stages += [lambda: self.put_instances(run.levels), lambda: self.put_measurements(run.levels),
+                       lambda: self.state.show_levels(run.levels)]
         return stages
 
     def qa_inputs(self) -> tuple | None:
@@ -193,6 +203,16 @@ class ResultLayers:
         return (np.array(labels.data, copy=True), np.asarray(unc.data), tuple(labels.scale),
                 dict(self.state.label_names), sorted(self.state.segmented))
 
+    def level_inputs(self) -> LevelInputs | None:
+        """The inputs of a level report of the labels layer as it is (a copy, edits included; no ensemble members,
+        so no intervals); ``None`` without labels in the project's scheme."""
+        labels, unc = self.find(LABELS_NAME), self.find(UNCERTAINTY_NAME)
+        vertebrae = next((v for v in ("whole", "split") if self.state.label_names == label_names(v)), None)
+        if labels is None or vertebrae is None:
+            return None
+        u = np.asarray(unc.data, np.float32) if unc is not None and unc.data.shape == labels.data.shape else None
+        return LevelInputs(np.array(labels.data, copy=True), _spacing(labels), vertebrae, u, None, "labels")
+
     def put_labels(self, labels: np.ndarray, names: dict[int, str], geometry: dict, meta: dict) -> None:
         import pandas as pd
 
@@ -203,6 +223,41 @@ class ResultLayers:
         if existed is None or existed is not layer:
             layer.events.paint.connect(self.state.count_edit)
         self.state.labels_reset(labels)
+
+    def put_instances(self, report: LevelReport) -> None:
+        """The ``instances`` labels layer: the report's instance map (SPIDER values), drawn as outlines over the
+        class colours, with a features row per value (hovering a structure shows its level name, confidence and
+        measurements in the status bar); removed when the report named nothing."""
+        labels = self.find(LABELS_NAME)
+        if report.instances is None or labels is None:
+            self.remove(INSTANCES_NAME)
+            return
+        existed = self.find(INSTANCES_NAME) is not None
+        layer = self.put(INSTANCES_NAME, np.asarray(report.instances.canonical), "labels", geometry_of(labels),
+                         features=instance_features(report), metadata={OUTPUT_KEY: True, "shift": report.shift},
+                         opacity=0.9)
+        if not existed:
+            layer.contour = 2
+
+    def put_measurements(self, report: LevelReport) -> None:
+        """The ``measurements`` Shapes layer: every measured line of the report, its value as text; removed when
+        there is none."""
+        labels = self.find(LABELS_NAME)
+        lines, features = measured_lines(report)
+        old = self.find(MEASUREMENTS_NAME)
+        if old is not None and labels is not None and len(old.data) == len(lines) and all(
+                np.array_equal(a, b) for a, b in zip(old.data, lines)):
+            old.features = features  # the same lines (a renumbering): new level names only
+            return
+        visible = True if old is None else old.visible
+        if old is not None:
+            self.viewer.layers.remove(old)
+        if not lines or labels is None:
+            return
+        self.viewer.add_shapes(lines, shape_type="line", name=MEASUREMENTS_NAME, features=features,
+                               edge_color=list(features["color"]), edge_width=0.8, visible=visible,
+                               text={"string": "{label}", "color": "white", "size": 8, "anchor": "upper_left"},
+                               metadata={OUTPUT_KEY: True}, **geometry_of(labels))
 
     def show_result(self) -> None:
         """After the result layers are put: hide the live canvas, select the labels."""

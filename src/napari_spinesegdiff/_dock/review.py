@@ -1,11 +1,18 @@
-"""The Review panel: the structure and slice tables (most uncertain first; a click moves the viewer there),
-the threshold slider of the ``uncertain boundary`` overlay, and the Refresh / Export buttons.
+"""The Review panel: the levels table (each structure by its level name, ``L4-L5 disc``, with its measurements
+and their 90 % intervals, confidence, uncertainty and flags; the numbering can be shifted one level up or
+down), the structure and slice tables (most uncertain first), the threshold slider of the ``uncertain
+boundary`` overlay, and the Refresh / Export buttons.  A click on a row moves the viewer there.
 
-The tables are computed in a thread from a copy of the labels (edits included): by the run controller when a
-run's result arrives (``state.qa_ready``; the run ends once they are filled) and here when Refresh is pressed.
+The QA tables are computed in a thread from a copy of the labels (edits included): by the run controller when
+a run's result arrives (``state.qa_ready``; the run ends once they are filled) and here when Refresh is
+pressed.  The level report of a run is made in the run's worker (``state.levels``); here, in a thread, when
+the labels it described changed (a run merged into earlier slices, a queue scan, Refresh after edits: then
+without intervals) and when the numbering is shifted.
 """
 
 from __future__ import annotations
+
+import math
 
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
@@ -21,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from .layers import OUTPUT_KEY, OVERLAY_NAME, UNCERTAINTY_NAME, ResultLayers, geometry_of
+from .levels import TABLE_MEASURES, LevelReport, compute_levels, measure_text, position, renumber, summary, title
 from .navigation import go_to
 from .qa import MAX_UNCERTAINTY, uncertain_mask
 from .state import RunState
@@ -53,15 +61,45 @@ def _table(headers: list[str]) -> QTableWidget:
     return t
 
 
-def _fill(table: QTableWidget, rows: list[list[QTableWidgetItem]], sort_column: int) -> None:
+def _fill(table: QTableWidget, rows: list[list[QTableWidgetItem]], sort_column: int, descending: bool = True) -> None:
     table.setSortingEnabled(False)
     table.setRowCount(len(rows))
     for r, cells in enumerate(rows):
         for c, item in enumerate(cells):
             table.setItem(r, c, item)
     table.setSortingEnabled(True)
-    table.sortItems(sort_column, Qt.SortOrder.DescendingOrder)
+    table.sortItems(sort_column, Qt.SortOrder.DescendingOrder if descending else Qt.SortOrder.AscendingOrder)
     table.resizeColumnsToContents()
+
+
+def _number(v) -> float:
+    """A cell's sort value: the number, missing values first."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return -math.inf
+    return f if math.isfinite(f) else -math.inf
+
+
+def level_cells(report: LevelReport, row: dict) -> list[QTableWidgetItem]:
+    """One levels-table row: the name (sorted from superior to inferior; where to go), confidence, each
+    measurement with its interval, mean uncertainty, flags."""
+    where = position(report, row)
+    order = (where[1] if where is not None else math.inf) + (0.01 if row.get("structure") == "canal" else 0.0)
+    first = _NumItem(order, title(row))
+    first.setTextAlignment(int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter))
+    first.setData(Qt.ItemDataRole.UserRole, where)
+    conf = row.get("level_confidence")
+    cells = [first, _NumItem(_number(conf), "" if conf is None else f"{float(conf):.2f}")]
+    for _header, measure in TABLE_MEASURES:
+        item = _NumItem(_number(row.get(measure)), measure_text(row, measure))
+        if item.text():
+            item.setToolTip(f"{measure}: {item.text()} (± the 90 % interval)")
+        cells.append(item)
+    u = row.get("uncertainty_mean")
+    cells.append(_NumItem(_number(u), "" if u is None else f"{float(u):.3f}"))
+    cells.append(QTableWidgetItem(str(row.get("flags") or "")))
+    return cells
 
 
 class ReviewPanel(QWidget):
@@ -77,13 +115,33 @@ class ReviewPanel(QWidget):
         self.state = state
         self.layers = layers
         self.qa_worker = None
+        self.levels_worker = None  # a level report (or renumbering) being made, until its layers are put
         self._build()
         state.result_changed.connect(self._redraw_overlay)
+        state.result_changed.connect(self.refresh_levels)
+        state.levels_changed.connect(self._fill_levels)
         state.qa_ready.connect(self._fill_tables)
         state.status_changed.connect(self._on_status)
 
     def _build(self) -> None:
         lay = QVBoxLayout(self)
+        self.levels_summary = QLabel(summary(None))
+        self.levels_summary.setWordWrap(True)
+        lay.addWidget(self.levels_summary)
+        self.levels_table = _table(["structure", "confidence", *[h for h, _m in TABLE_MEASURES], "mean U", "flags"])
+        self.levels_table.setToolTip("Each structure by its level, top to bottom; ± is the 90 % interval from the "
+                                     "ensemble. Click a row to go there; hover the 'instances' layer for names.")
+        self.levels_table.cellClicked.connect(lambda r, _c: self._go_to_row(self.levels_table, r))
+        lay.addWidget(self.levels_table, 4)
+        shift = QHBoxLayout()
+        self.names_up = QPushButton("Names one level up (L5 → L4)")
+        self.names_down = QPushButton("Names one level down (L4 → L5)")
+        for button, delta in ((self.names_up, -1), (self.names_down, +1)):
+            button.setToolTip("Renumber every structure by one level when the automatic count is off (a "
+                              "transitional vertebra, the sacrum out of view); the tables and layers follow.")
+            button.clicked.connect(lambda _checked=False, d=delta: self.renumber_levels(d))
+            shift.addWidget(button)
+        lay.addLayout(shift)
         self.structure_table = _table(["class", "level", "mean U", "max U", "mL", "slices"])
         self.slice_table = _table(["slice", "mean U", "max U", "labelled voxels"])
         self.structure_table.cellClicked.connect(lambda r, _c: self._go_to_row(self.structure_table, r))
@@ -124,11 +182,19 @@ class ReviewPanel(QWidget):
         idle = not self.state.is_running
         self.export_button.setEnabled(idle)
         self.refresh_button.setEnabled(idle)
+        self._enable_renumbering()
+
+    def _enable_renumbering(self) -> None:
+        report = self.state.levels
+        ok = not self.state.is_running and self.levels_worker is None and report is not None \
+            and report.base is not None
+        self.names_up.setEnabled(ok)
+        self.names_down.setEnabled(ok)
 
     @property
     def busy(self) -> bool:
-        """The tables are being recomputed."""
-        return self.qa_worker is not None
+        """The tables (or the level report) are being recomputed."""
+        return self.qa_worker is not None or self.levels_worker is not None
 
     # ------------------------------------------------------------------------------------------ overlay
 
@@ -165,9 +231,11 @@ class ReviewPanel(QWidget):
     # ------------------------------------------------------------------------------------------- tables
 
     def refresh_qa(self) -> None:
-        """Recompute the structure and slice tables in a thread (from a copy of the current labels)."""
+        """Recompute the structure and slice tables in a thread (from a copy of the current labels), and the
+        level report when the labels changed since it was made."""
         from napari.qt.threading import create_worker
 
+        self.refresh_levels()
         inputs = self.layers.qa_inputs()
         if inputs is None:
             return
@@ -195,6 +263,71 @@ class ReviewPanel(QWidget):
         _fill(self.slice_table, rows, 1)
         self.qa_worker = None
         self.qa_updated.emit()
+
+    # ------------------------------------------------------------------------------------------- levels
+
+    def refresh_levels(self) -> None:
+        """Make the level report of the labels layer as it is, in a thread, unless the one shown describes it
+        (a reviewer's renumbering is kept when the same labels were only edited)."""
+        if self.state.levels_current:
+            return
+        inputs = self.layers.level_inputs()
+        if inputs is None or self.levels_worker is not None:
+            return
+        old = self.state.levels
+        shift = old.shift if old is not None and self.state.levels_for is self.state.original_labels else 0
+        self._make_levels(compute_levels, inputs, shift, token=self.state.labels_token())
+
+    def renumber_levels(self, delta: int) -> None:
+        """Shift every name ``delta`` levels (+1: one level down, L4 -> L5), in a thread; the levels table, the
+        ``instances`` layer (values and features) and the ``measurements`` layer follow."""
+        report = self.state.levels
+        if report is None or report.base is None or self.levels_worker is not None or self.state.is_running:
+            return
+        self._make_levels(renumber, report, report.shift + int(delta),
+                          token=(self.state.levels_for, self.state.levels_edits))
+
+    def _make_levels(self, job, *args, token: tuple) -> None:
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(job, *args, _start_thread=False)
+        worker.returned.connect(lambda report: self._show_levels(report, token))
+        worker.errored.connect(self._levels_failed)
+        self.levels_worker = worker
+        self.levels_summary.setText("Levels: naming and measuring ...")
+        self._enable_renumbering()
+        worker.start()
+
+    def _show_levels(self, report: LevelReport, token: tuple) -> None:
+        """Put the report's layers one per event-loop turn (each takes a while), then its table."""
+        if token[0] is not self.state.original_labels:  # a run or a queue scan replaced those labels meanwhile
+            self.levels_worker = None
+            self._fill_levels()
+            return
+        steps = [lambda: self.layers.put_instances(report), lambda: self.layers.put_measurements(report),
+                 lambda: self.state.show_levels(report, token)]
+
+        def next_step():
+            steps.pop(0)()
+            if steps:
+                QTimer.singleShot(0, next_step)
+            else:
+                self.levels_worker = None
+                self._enable_renumbering()
+
+        QTimer.singleShot(0, next_step)
+
+    def _levels_failed(self, exc: Exception) -> None:
+        self.levels_worker = None
+        self.levels_summary.setText(f"Levels: not named ({exc})")
+        self._enable_renumbering()
+
+    def _fill_levels(self) -> None:
+        report = self.state.levels
+        self.levels_summary.setText(summary(report))
+        rows = [level_cells(report, r) for r in report.rows] if report is not None else []
+        _fill(self.levels_table, rows, 0, descending=False)
+        self._enable_renumbering()
 
     def _go_to_row(self, table: QTableWidget, row: int) -> None:
         item = table.item(row, 0)

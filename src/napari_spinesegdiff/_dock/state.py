@@ -53,6 +53,7 @@ class ActiveRun:
     trajectory: np.ndarray | None = None
     frames_used: int = 0
     batch_counts: dict[int, int] = field(default_factory=dict)
+    levels: Any = None  # the result's level report (levels.LevelReport), computed by the worker after the run
 
     @property
     def outcome(self) -> str:
@@ -89,6 +90,8 @@ class RunState(QObject):
     qa_ready = Signal(object)
     #: A preload finished: the models of the Segment tab's settings are loaded (and were run once on the scan).
     models_ready = Signal()
+    #: The level report shown changed (:attr:`levels`: a run's, a renumbering, one from the labels layer).
+    levels_changed = Signal()
 
     def __init__(self, viewer, parent: QObject | None = None):
         super().__init__(parent)
@@ -107,6 +110,9 @@ class RunState(QObject):
         self.paint_events = 0  # edits of the labels layer since then
         self.stream_updates = 0  # streamed steps shown in the last run
         self.max_update_ms = 0.0  # longest GUI-thread handling of one streamed step in the last run
+        self.levels = None  # the level report behind the Review tab's levels table and the level layers
+        self.levels_for = None  # the ``original_labels`` it describes (``None``: none)
+        self.levels_edits = 0  # the edits of the labels layer it includes (``paint_events`` when it was made)
 
     @property
     def is_running(self) -> bool:
@@ -158,3 +164,21 @@ class RunState(QObject):
 
     def count_edit(self, _event=None) -> None:
         self.paint_events += 1
+
+    def labels_token(self) -> tuple:
+        """What the labels layer holds now, for a level report computed from it: (the labels the last run or scan
+        left, the edits since)."""
+        return (self.original_labels, self.paint_events)
+
+    def show_levels(self, report, token: tuple | None = None) -> None:
+        """Show ``report`` (a ``levels.LevelReport``) computed from the labels of ``token`` (:meth:`labels_token`
+        when its inputs were taken; default: now); the Review tab and the level layers follow it."""
+        self.levels = report
+        self.levels_for, self.levels_edits = token if token is not None else self.labels_token()
+        self.levels_changed.emit()
+
+    @property
+    def levels_current(self) -> bool:
+        """Whether the level report describes the labels layer as it is (no run, scan or edit since)."""
+        return (self.levels is not None and self.levels_for is not None and self.levels_for is self.original_labels
+                and self.levels_edits == self.paint_events)

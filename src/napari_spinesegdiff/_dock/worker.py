@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import SegmentationConfig
 from ..io.volume import Volume
+from .levels import LevelReport, compute_levels, inputs_from_result
 from .qa import classes_from_probabilities, probability_rgb, slice_table, structure_table
 from .state import ActiveRun
 
@@ -157,13 +158,15 @@ def segment_in_thread(volume: Volume, config: SegmentationConfig, prior: np.ndar
     try:
         models = shared_models(config)
         class_names = list(models.diffusion_config.class_names)
-        gen = segment(volume, config, prior_labels=prior, stream_every=stream_every, models=models)
+        gen = segment(volume, config, prior_labels=prior, stream_every=stream_every, models=models,
+                      keep_samples=config.ensemble > 1)  # the members give the level report's intervals
         run.pipeline_gen = gen
         while True:
             try:
                 with torch.inference_mode():  # per step: never held across a yield
                     ev = next(gen)
             except StopIteration as stop:
+                run.levels = result_levels(stop.value, volume, config)
                 return stop.value
             if isinstance(ev, StepUpdate):
                 view = structure_view(ev.probabilities, class_names)
@@ -175,6 +178,14 @@ def segment_in_thread(volume: Volume, config: SegmentationConfig, prior: np.ndar
                 yield ev
     except RuntimeError as exc:  # superqt swallows RuntimeError as "worker deleted": re-raise as a sentence
         raise SegmentationError(str(exc)) from exc
+
+
+def result_levels(result, volume: Volume, config: SegmentationConfig) -> LevelReport | None:
+    """The level report of a run's result (its structures named and measured, intervals from its ensemble
+    members), made here in the worker so that the GUI thread only shows it; ``None`` for a model whose channels
+    the label scheme does not know."""
+    inputs = inputs_from_result(result, volume.orientation.canonical_spacing, config.vertebrae)
+    return compute_levels(inputs) if inputs is not None else None
 
 
 def qa_in_thread(labels: np.ndarray, uncertainty: np.ndarray, scale, label_names, slices):
