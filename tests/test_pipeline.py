@@ -292,9 +292,35 @@ def test_kept_samples_are_each_members_labels(phantom, result):
     assert members.shape == (FAST.ensemble, *res.canonical_labels.shape) and members.dtype == np.uint8
     assert not members[:, :4].any() and not members[:, 9:].any()  # only the segmented slices
     assert not np.array_equal(members[0], members[1])
+    from napari_spinesegdiff.pipeline import MEMBER_MARGIN, foreground_box
+
+    rs, cs = foreground_box(res.canonical_labels, MEMBER_MARGIN)
+    outside = np.ones(members.shape[1:], bool)
+    outside[:, rs, cs] = False
+    assert not members[:, outside].any() and outside.any()  # labelled only near the final labels
     truth = phantom.truth().canonical()[4:9]
     final = np.mean(dice_per_class(res.canonical_labels[4:9], truth, 3))
     for member in members:
         agree = dice_per_class(member[4:9], res.canonical_labels[4:9], 3)
         assert min(agree) > 0.97, agree
         assert np.mean(dice_per_class(member[4:9], truth, 3)) > final - 0.02
+
+
+@pytest.mark.parametrize("shape, slice_mm, smooth_mm, slices", [
+    ((4, 17, 40, 30), 3.3, 2.0, range(17)), ((3, 9, 20, 16), 1.0, 2.5, range(2, 7)),
+    ((3, 3, 8, 8), 0.5, 4.0, range(3)), ((2, 5, 8, 8), 10.0, 2.0, range(5)), ((2, 6, 4, 4), 3.0, 0.0, range(6))])
+def test_smoothing_across_slices_is_scipys_gaussian(shape, slice_mm, smooth_mm, slices):
+    """The slice smoothing (a weighted sum of whole slices) equals scipy's gaussian_filter1d with mode
+    'nearest' on the segmented slices, and leaves the other slices alone."""
+    from scipy import ndimage
+
+    from napari_spinesegdiff.pipeline import smooth_across_slices
+
+    a = np.random.default_rng(1).random(shape, dtype=np.float32)
+    want = a.copy()
+    if smooth_mm > 0:
+        want[:, slices.start:slices.stop] = ndimage.gaussian_filter1d(
+            want[:, slices.start:slices.stop], smooth_mm / slice_mm, axis=1, mode="nearest")
+    got = smooth_across_slices(a.copy(), slice_mm, smooth_mm, slices)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert smooth_mm == 0 or not np.allclose(got[:, slices.start:slices.stop], a[:, slices.start:slices.stop])

@@ -267,3 +267,24 @@ def test_cli_refuses_a_bad_instances_path_before_the_run(scan_file, tmp_path, ca
     code = main(["segment", str(img), "-o", str(tmp_path / "l.nii.gz"), "--instances",
                  str(tmp_path / "l.nii.gz"), "--no-progress"])
     assert code == 2 and not (tmp_path / "l.nii.gz").exists()
+
+
+
+@pytest.mark.parametrize("pad", [((0, 0), (0, 0), (0, 0)), ((0, 0), (25, 5), (7, 40))])
+def test_naming_on_the_foregrounds_box_changes_nothing(phantoms, pad):
+    """Structures are found on the foreground's rows and columns: the same names, values, flags, confidences,
+    map and centroids as on the whole field of view, with or without empty space, cut by the edge or not."""
+    from napari_spinesegdiff.report.instances import _find
+
+    ph = phantoms(2)
+    lab = np.pad(ph.labels.canonical(), pad)
+    sp = ph.labels.orientation.canonical_spacing
+    for cut in (slice(None), slice(pad[1][0] + 60, None)):
+        a, b = find_instances(lab[:, cut], sp), _find(lab[:, cut], sp, "whole", 5)
+        assert a.anchor == b.anchor and a.flags == b.flags
+        np.testing.assert_array_equal(a.canonical, b.canonical)
+        for sa, sb in zip(a.structures, b.structures, strict=True):
+            assert (sa.level, sa.value, sa.flags, sa.level_confidence, sa.n_voxels) == \
+                (sb.level, sb.value, sb.flags, sb.level_confidence, sb.n_voxels)
+            np.testing.assert_allclose(sa.centroid, sb.centroid)
+        assert cut == slice(None) or "cut_by_fov" in {f for st in a.structures for f in st.flags}

@@ -198,3 +198,34 @@ def test_grading_rules():
     assert stenosis_flag(12.5) is None and stenosis_flag(float("nan")) is None
     assert [meyerding_flag(v) for v in (5.0, 12.0, 30.0, 60.0, 80.0, 120.0, -15.0)] == [
         None, "meyerding1", "meyerding2", "meyerding3", "meyerding4", "meyerding5", "retrolisthesis"]
+
+
+
+@pytest.mark.parametrize("pad", [((0, 0), (0, 0), (0, 0)), ((0, 0), (30, 20), (45, 10))])
+def test_measuring_on_the_foregrounds_box_changes_nothing(pad):
+    """The measurement works on the foreground's rows and columns: it gives what the whole field of view
+    gives (values, flags, frames, lines), also with empty space around the spine and with structures cut by
+    the image's edge."""
+    from napari_spinesegdiff.report.measure import _measure
+
+    ph = make_phantom(**DEFORMED)
+    inst, structs, lab = phantom_instances(ph)
+    inst, lab = np.pad(inst, pad), np.pad(lab, pad)
+    spacing = ph.labels.orientation.canonical_spacing
+    for cut in (slice(None), slice(pad[1][0] + 40, None)):
+        i, c = inst[:, cut], lab[:, cut]
+        rows = measure_structures(i, spacing, structs, classes=c)
+        whole = _measure(i, spacing, structs, classes=c, fractions=None, frames=None, members=None, along="column",
+                         cache={})
+        assert [(r.structure, r.level, r.flags) for r in rows] == [(r.structure, r.level, r.flags) for r in whole]
+        for a, b in zip(rows, whole):
+            assert a.values.keys() == b.values.keys()
+            np.testing.assert_allclose(list(a.values.values()), list(b.values.values()), atol=1e-6, equal_nan=True)
+            if b.frame is not None:
+                np.testing.assert_allclose(a.frame.centre, b.frame.centre, atol=1e-9)
+            assert len(a.lines) == len(b.lines)
+            for la, lb in zip(a.lines, b.lines):
+                np.testing.assert_allclose(la.start, lb.start, atol=1e-9)
+                np.testing.assert_allclose(la.end, lb.end, atol=1e-9)
+        assert sum(len(r.lines) for r in rows) > 40
+        assert cut == slice(None) or any("cut_by_fov" in r.flags for r in rows)

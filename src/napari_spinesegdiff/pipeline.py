@@ -83,7 +83,8 @@ class SegmentationResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     # (S, N, rows, cols) uint8, canonical: each ensemble member's labels, from its own last-step x0 through the
     # same blend, smoothing and label rule as ``canonical_labels`` (:func:`member_labels`: not its
-    # post-processing); only with ``segment(keep_samples=True)``
+    # post-processing), within :data:`MEMBER_MARGIN` voxels of the labels' foreground box (0 outside it); only
+    # with ``segment(keep_samples=True)``
     canonical_sample_labels: np.ndarray | None = None
 
 
@@ -404,12 +405,32 @@ def smooth_across_slices(prob_c: np.ndarray, slice_mm: float, smooth_mm: float, 
     """In place: Gaussian smoothing (sigma ``smooth_mm``) of channel probabilities (C, n, rows, cols) across
     the contiguous sagittal ``slices`` that were segmented; nothing when ``smooth_mm`` is 0 or one slice."""
     if smooth_mm > 0 and len(slices) > 1:
-        from scipy import ndimage
-
         first, stop = slices.start, slices.stop
-        prob_c[:, first:stop] = ndimage.gaussian_filter1d(prob_c[:, first:stop], smooth_mm / slice_mm, axis=1,
-                                                          mode="nearest")
+        weights = gaussian_weights(smooth_mm / slice_mm)
+        radius = len(weights) // 2
+        if radius == 0:
+            return prob_c
+        # scipy's gaussian_filter1d(mode="nearest") along the slices, as a weighted sum of whole slices:
+        # contiguous (C, rows, cols) blocks instead of a filter strided across the slice axis (4x faster)
+        src = prob_c[:, first:stop].copy()
+        n = stop - first
+        tmp = np.empty_like(src[:, 0])
+        for i in range(n):
+            out = prob_c[:, first + i]
+            np.multiply(src[:, min(max(i - radius, 0), n - 1)], weights[0], out=out)
+            for j in range(1, len(weights)):
+                np.multiply(src[:, min(max(i - radius + j, 0), n - 1)], weights[j], out=tmp)
+                out += tmp
     return prob_c
+
+
+def gaussian_weights(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """The normalised Gaussian kernel of ``scipy.ndimage.gaussian_filter1d`` (radius ``truncate`` sigmas,
+    rounded), float32."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / float(sigma)) ** 2)
+    return (w / w.sum()).astype(np.float32)
 
 
 def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], config: SegmentationConfig,
@@ -444,6 +465,21 @@ def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], con
     if config.vertebrae == "split":
         labels = split_vertebrae(labels, prob_c[roles.body])
     return labels
+
+
+#: In-plane voxels around the final labels' foreground where the ensemble members are labelled: the report
+#: measures a member only within two voxels of the final structures, so the rest of the field of view is left 0.
+MEMBER_MARGIN = 8
+
+
+def foreground_box(labels: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """The rows and columns (canonical, every slice) of ``labels``' foreground grown by ``margin`` voxels and
+    clipped to the array; empty slices when there is no foreground."""
+    rows, cols = np.flatnonzero(labels.any(axis=(0, 2))), np.flatnonzero(labels.any(axis=(0, 1)))
+    if not rows.size:
+        return slice(0, 0), slice(0, 0)
+    return (slice(max(int(rows[0]) - margin, 0), int(rows[-1]) + margin + 1),
+            slice(max(int(cols[0]) - margin, 0), int(cols[-1]) + margin + 1))
 
 
 def member_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], config: SegmentationConfig,
@@ -675,10 +711,12 @@ def segment(
     tq = time.perf_counter()
     labels_c = finalize_labels(prob_c, spacing, config, chosen, ckpt.class_names)
     sample_labels = None
-    if samples_u8 is not None:  # the members through the same smoothing and label rule
-        sample_labels = np.stack([
-            member_labels(np.multiply(member, np.float32(1 / 255), dtype=np.float32), spacing, config, chosen,
-                          ckpt.class_names) for member in samples_u8])
+    if samples_u8 is not None:  # the members through the same smoothing and label rule, near the labels
+        rs, cs = foreground_box(labels_c, MEMBER_MARGIN)
+        sample_labels = np.zeros((len(samples_u8), *labels_c.shape), np.uint8)
+        for member, out in zip(samples_u8, sample_labels):
+            out[:, rs, cs] = member_labels(np.multiply(member[:, :, rs, cs], np.float32(1 / 255), dtype=np.float32),
+                                           spacing, config, chosen, ckpt.class_names)
         del samples_u8
     if config.uncertainty == "labels":
         unc_c, cunc_c = label_uncertainty(prob_c, ckpt.class_names, config.vertebrae, chosen)

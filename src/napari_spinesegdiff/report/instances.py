@@ -394,6 +394,29 @@ def find_instances(labels, spacing, *, vertebrae: str = "whole", shift: int = 0,
     if bad:
         raise InstancesError(f"The class map holds {bad[0]}, which is not a class of the project's scheme "
                              "(0 background, 1 canal, 2 vertebra or body, 3 disc, 4 posterior elements).")
+    rows, cols = np.flatnonzero(lab.any(axis=(0, 2))), np.flatnonzero(lab.any(axis=(0, 1)))
+    if rows.size and (rows.size < lab.shape[1] or cols.size < lab.shape[2]):
+        # the work on the rows and columns of the foreground (and a margin: a structure touches the cropped
+        # edge only where it is the image's), the map and centroids back in the whole frame
+        rs = slice(max(int(rows[0]) - CROP_MARGIN, 0), int(rows[-1]) + CROP_MARGIN + 1)
+        cs = slice(max(int(cols[0]) - CROP_MARGIN, 0), int(cols[-1]) + CROP_MARGIN + 1)
+        found = _find(lab[:, rs, cs], sp, vertebrae, lumbar)
+        inst = np.zeros(lab.shape, np.uint16)
+        inst[:, rs, cs] = found.canonical
+        structures = tuple(replace(st, centroid=(st.centroid[0], st.centroid[1] + rs.start, st.centroid[2] + cs.start))
+                           for st in found.structures)
+        result = replace(found, canonical=inst, structures=structures, classes=lab)
+    else:
+        result = _find(lab, sp, vertebrae, lumbar)
+    return result.renumbered(shift) if shift else result
+
+
+#: Voxels kept around the foreground's rows and columns when structures are found.
+CROP_MARGIN = 4
+
+
+def _find(lab: np.ndarray, sp: tuple[float, float, float], vertebrae: str, lumbar: int) -> Instances:
+    """:func:`find_instances` on a checked class map (no shift)."""
     planes, comp, disc_flags = _disc_planes(lab == 3, sp)
     chain = _chain(planes)
     seg, body = _segments(lab, chain.planes, sp, split=vertebrae == "split" or bool(np.any(lab == 4)))
@@ -480,8 +503,7 @@ def find_instances(labels, spacing, *, vertebrae: str = "whole", shift: int = 0,
     if canal_mask.any():
         inst[canal_mask] = CANAL_VALUE
         out.append(_structure(canal_mask, CANAL_VALUE, "canal", "canal", 1.0, None, lab.shape))
-    result = Instances(inst, tuple(out), sp, anchor, tuple(flags), 0, lab, lumbar)
-    return result.renumbered(shift) if shift else result
+    return Instances(inst, tuple(out), sp, anchor, tuple(flags), 0, lab, lumbar)
 
 
 def _where(p: _Plane, planes: Sequence[_Plane], lumbar: int) -> str:

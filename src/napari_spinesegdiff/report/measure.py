@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -510,10 +510,52 @@ def _items(shapes: dict[int, _Shape], structures, spacing, front, split, fractio
     return out
 
 
+#: In-plane voxels kept around the instance map's foreground when it is measured (more than the pad of a
+#: structure's box, so a box touches the cropped edge only where that edge is the image's).
+BOX_MARGIN = 6
+
+
 def measure_structures(instance_map: np.ndarray, spacing: Sequence[float], structures: Sequence[StructureLike], *,
                        classes: np.ndarray | None = None, fractions: np.ndarray | None = None,
                        frames: dict[int, Frame] | None = None, members: np.ndarray | None = None,
                        along: str = "column", cache: dict | None = None) -> list[Measured]:
+    """Every measurement of :func:`_measure` (its docstring), taken on the rows and columns of the instance
+    map's foreground grown by :data:`BOX_MARGIN` (every array cropped alike, so the work follows the spine,
+    not the field of view); frames and lines come back in the whole map's coordinates."""
+    spacing = tuple(float(s) for s in spacing)
+    inst = np.asarray(instance_map)
+    cache = {} if cache is None else cache
+    if "box" not in cache:
+        rows_, cols_ = (np.flatnonzero(inst.any(axis=(0, 2))), np.flatnonzero(inst.any(axis=(0, 1)))) \
+            if inst.ndim == 3 and inst.size else (np.array([], int), np.array([], int))
+        if rows_.size:
+            cache["box"] = (slice(max(int(rows_[0]) - BOX_MARGIN, 0), int(rows_[-1]) + BOX_MARGIN + 1),
+                            slice(max(int(cols_[0]) - BOX_MARGIN, 0), int(cols_[-1]) + BOX_MARGIN + 1))
+        else:
+            cache["box"] = (slice(None), slice(None))
+    rs, cs = cache["box"]
+    r0, c0 = rs.start or 0, cs.start or 0
+    shift_mm = np.array([r0 * spacing[1], c0 * spacing[2]])
+
+    def crop(a):
+        return None if a is None else np.asarray(a)[..., rs, cs]
+
+    local = None if frames is None else {v: replace(f, centre=np.asarray(f.centre) - shift_mm)
+                                         for v, f in frames.items() if f is not None}
+    out = _measure(inst[:, rs, cs], spacing, structures, classes=crop(classes), fractions=crop(fractions),
+                   frames=local, members=crop(members), along=along, cache=cache)
+    if r0 or c0:
+        for row in out:
+            if row.frame is not None:
+                row.frame = replace(row.frame, centre=np.asarray(row.frame.centre) + shift_mm)
+            row.lines = [replace(ln, start=(ln.start[0], ln.start[1] + r0, ln.start[2] + c0),
+                                 end=(ln.end[0], ln.end[1] + r0, ln.end[2] + c0)) for ln in row.lines]
+    return out
+
+
+def _measure(inst: np.ndarray, spacing: tuple[float, ...], structures: Sequence[StructureLike], *,
+             classes: np.ndarray | None, fractions: np.ndarray | None, frames: dict[int, Frame] | None,
+             members: np.ndarray | None, along: str, cache: dict) -> list[Measured]:
     """Every measurement of the module docstring on a canonical instance map (structure ``value``s), ``spacing``
     in mm per canonical axis.  Rows: the bodies and discs in the order of ``structures``, then the canal's (one
     per disc and per body, top to bottom) when a canal structure is given.
@@ -525,9 +567,6 @@ def measure_structures(instance_map: np.ndarray, spacing: Sequence[float], struc
     those frames, each structure from the member's voxels near the final structure.  ``along="rows"``
     measures heights along image rows and depths along columns (only to show what that costs).  ``cache``: a
     dict shared by the calls for one final labels and its members (the final shapes are found once)."""
-    spacing = tuple(float(s) for s in spacing)
-    inst = np.asarray(instance_map)
-    cache = {} if cache is None else cache  # what the ensemble members share: the final labels' shapes
     canal_s = next((s for s in structures if s.structure == "canal" and s.value is not None), None)
     split = classes is not None and bool(np.any(classes == 4))
     if "shapes" not in cache:

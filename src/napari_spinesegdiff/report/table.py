@@ -65,6 +65,7 @@ def levels_rows(structures: Sequence[Any], measured: Sequence[Measured], *, inst
     by_value = {s.value: s for s in structures if s.value is not None}
     canal = next((s for s in structures if s.structure == "canal" and s.value is not None), None)
     rows = []
+    canal_idx = None  # the canal's voxels, found once
     for j, m in enumerate(measured):
         own = by_value.get(m.value) if m.structure != "canal" else None
         ref = own or next((s for s in structures if s.level == m.level and s.structure != "canal"), None)
@@ -73,7 +74,9 @@ def levels_rows(structures: Sequence[Any], measured: Sequence[Measured], *, inst
                    level_confidence=getattr(ref, "level_confidence", None))
         if m.structure == "canal":
             if uncertainty is not None and canal is not None and m.frame is not None:
-                row["uncertainty_mean"] = _band_mean(inst == canal.value, uncertainty, m.frame, spacing)
+                if canal_idx is None:
+                    canal_idx = np.nonzero(inst == canal.value)
+                row["uncertainty_mean"] = _band_mean(canal_idx, uncertainty, m.frame, spacing)
         elif m.value is not None and 0 < m.value <= len(boxes) and boxes[m.value - 1] is not None:
             box = boxes[m.value - 1]
             mask = inst[box] == m.value
@@ -96,9 +99,10 @@ def _number(v) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 
 
-def _band_mean(canal: np.ndarray, uncertainty: np.ndarray, frame, spacing) -> float | None:
-    """The uncertainty's mean over the canal within :data:`CANAL_BAND_MM` of a level's line."""
-    k, r, c = np.nonzero(canal)
+def _band_mean(canal_idx: tuple[np.ndarray, ...], uncertainty: np.ndarray, frame, spacing) -> float | None:
+    """The uncertainty's mean over the canal (its voxel indices) within :data:`CANAL_BAND_MM` of a level's
+    line."""
+    k, r, c = canal_idx
     u = (r * spacing[1] - frame.centre[0]) * frame.axis[0] + (c * spacing[2] - frame.centre[1]) * frame.axis[1]
     near = np.abs(u) <= CANAL_BAND_MM
     return float(np.asarray(uncertainty)[k[near], r[near], c[near]].mean()) if near.any() else None
