@@ -87,20 +87,27 @@ def written_label_names(class_names, vertebrae: str = "whole") -> dict[int, str]
 
 
 def prepare_labels_code(viewer) -> None:
-    """Pay napari's one-time costs of a first labels layer now (the dock's opening), not when the first run's
-    result arrives: add an empty 1 x 1 x 1 labels layer and remove it again within this one turn of the event
-    loop, so it is never drawn, then give the layer list back the selection it had.
+    """Pay napari's one-time costs of a first labels layer and a first Shapes layer with text now (the dock's
+    opening), not when the first run's result arrives: add an empty 1 x 1 x 1 labels layer and a one-line
+    shapes layer and remove them again within this one turn of the event loop, so they are never drawn, then
+    give the layer list back the selection it had.
 
-    The first labels layer of a session builds what later ones reuse (imports, the vispy visuals of the layer and
-    of its paint and polygon overlays, their shader templates): on a busy two-core machine the first run's
-    ``spine labels`` took 235-245 ms of GUI-thread CPU without this and 93-115 ms with it, as much as a later
-    labels layer.  No user layer is touched: their data, undo history and visibility stay as they are.
-    """
+    The first layer of a kind in a session builds what later ones reuse (imports, the vispy visuals of the layer
+    and of its overlays, their shader templates): on a busy two-core machine the first run's ``spine labels``
+    took 235-245 ms of GUI-thread CPU without this and 93-115 ms with it, as much as a later labels layer; on an
+    idle one the shapes layer took the first run's GUI-thread CPU from 1.49 to 1.26 s.  Drawing the warm-up
+    layers off screen as well (shader programs, glyphs) cost the opening 0.75 s and the first run's largest
+    gap only 45 ms less (vispy keeps glyphs per text visual), so they are not drawn.  No user layer is
+    touched: their data, undo history and visibility stay as they are."""
     selection = viewer.layers.selection
     selected, active = set(selection), selection.active
     layer = viewer.add_labels(np.zeros((1, 1, 1), np.uint8), name="spinesegdiff warm-up",
                               metadata={OUTPUT_KEY: True})
     viewer.layers.remove(layer)
+    lines = viewer.add_shapes([np.array([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])], shape_type="line",
+                              name="spinesegdiff warm-up lines", features={"label": ["Hm 0.0"]},
+                              text={"string": "{label}", "size": 8}, metadata={OUTPUT_KEY: True})
+    viewer.layers.remove(lines)
     selection.clear()
     if active is not None:
         selection.active = active
