@@ -311,3 +311,14 @@ if [ "$STAGE" = 5.2 ]; then
     diffusion_finetune "$V42_DIFFUSION" "$V51_BASELINE" "${ITER:-600}" 2e-4 "${SEED:-24}" 200 "${THREADS:-2}" \
         "${OUT:-runs/v52_diffusion}" --randomize-contrast "${RANDOMIZE:-0.5}"
 fi
+if [ "$STAGE" = 5.3 ]; then
+    # v5.3 candidate (issue 35, 2026-12-07): STAGE=5.1's recipe as one uninterrupted cosine cycle on an idle
+    # machine: v4.11's presegmenter (as shipped) with half the crops given a random contrast, mirrored
+    # neighbours, 1,500 iterations at 2e-4, seed 23, 2 threads.  Run on 2026-12-07 (1,025 s, proxy 0.905 against
+    # v4.11's 0.917): validation default 0.9095 against 0.9204 unchanged, 0.824 against 0.437 inverted, 0.856 against
+    # 0.565 under a random curve (docs/evaluation/v5.3_validation_contrast): not shipped
+    V411_BASELINE=${V411_BASELINE:-runs/v411_shipped/baseline.safetensors}
+    shipped_weights "$V411_BASELINE" b7c4362 baseline
+    medium_cycle "$V411_BASELINE" "${ITER:-1500}" 2e-4 "${SEED:-23}" "${OUT:-runs/v53_contrast}" --mirror \
+        --randomize-contrast "${RANDOMIZE:-0.5}" --val-every 500
+fi
