@@ -348,7 +348,10 @@ def test_output_set_refuses_the_source_and_cleans_up(scan, tmp_path):
 # --------------------------------------------------------------------------- signals to a real process
 
 DRIVER = FAKE + '''
-import os, sys, time
+import os, signal, sys, time
+# a shell that starts a job in the background (no job control) starts it with SIGINT ignored, which Python
+# keeps: give the child the handler a terminal's Ctrl+C meets
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import napari_spinesegdiff.pipeline as pipeline
 import napari_spinesegdiff.io.writers as outputs  # the format writers the output set calls
 
