@@ -182,3 +182,14 @@ def farthest_structure_mm(labels: np.ndarray, spacing: Sequence[float], margin_m
     piece belongs to the core, nan for empty labels)."""
     found = column_pieces(labels, spacing, margin_mm)
     return float(found.distance_mm.max()) if found.distance_mm.size else float("nan")
+
+
+def foreground_box(labels: np.ndarray, margin: int) -> tuple[slice, slice]:
+    """The rows and columns (canonical, every slice) of ``labels``' foreground grown by ``margin`` voxels and
+    clipped to the array; empty slices (``slice(0, 0)``) when there is no foreground.  The pipeline labels
+    the ensemble members there, and the level report names and measures structures there."""
+    rows, cols = np.flatnonzero(labels.any(axis=(0, 2))), np.flatnonzero(labels.any(axis=(0, 1)))
+    if not rows.size:
+        return slice(0, 0), slice(0, 0)
+    return (slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, labels.shape[1])),
+            slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, labels.shape[2])))

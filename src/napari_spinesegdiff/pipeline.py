@@ -35,6 +35,7 @@ from typing import Any, Generator, Sequence
 import numpy as np
 
 from . import __version__
+from .column import foreground_box
 from .config import SegmentationConfig, parse_slices
 from .io.volume import Volume
 from .preprocess import SliceGrid, context_stack, normalize_intensity
@@ -470,16 +471,6 @@ def finalize_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], con
 #: In-plane voxels around the final labels' foreground where the ensemble members are labelled: the report
 #: measures a member only within two voxels of the final structures, so the rest of the field of view is left 0.
 MEMBER_MARGIN = 8
-
-
-def foreground_box(labels: np.ndarray, margin: int) -> tuple[slice, slice]:
-    """The rows and columns (canonical, every slice) of ``labels``' foreground grown by ``margin`` voxels and
-    clipped to the array; empty slices when there is no foreground."""
-    rows, cols = np.flatnonzero(labels.any(axis=(0, 2))), np.flatnonzero(labels.any(axis=(0, 1)))
-    if not rows.size:
-        return slice(0, 0), slice(0, 0)
-    return (slice(max(int(rows[0]) - margin, 0), int(rows[-1]) + margin + 1),
-            slice(max(int(cols[0]) - margin, 0), int(cols[-1]) + margin + 1))
 
 
 def member_labels(prob_c: np.ndarray, spacing: tuple[float, float, float], config: SegmentationConfig,

@@ -109,8 +109,7 @@ def _measured(report: LevelReport, shift: int, t0: float) -> LevelReport:
     except Exception as exc:  # noqa: BLE001 - said on the Review tab; the segmentation is kept
         return LevelReport(inp, base=report.base, shift=int(shift), error=_sentence(exc),
                            seconds=time.perf_counter() - t0)
-    rows = tuple({**r, "lines": list(r.get("lines") or ())} for r in rows)
-    return LevelReport(inp, report.base, inst, rows, int(shift), None, time.perf_counter() - t0)
+    return LevelReport(inp, report.base, inst, tuple(rows), int(shift), None, time.perf_counter() - t0)
 
 
 def _sentence(exc: Exception) -> str:

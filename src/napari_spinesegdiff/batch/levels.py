@@ -165,10 +165,10 @@ def report_from_outputs(job: ScanJob, settings: BatchSettings) -> Path:
 def read_scan_levels(path: str | Path) -> list[dict[str, Any]]:
     """A per-scan levels table back as rows (``[]`` when it is missing or unreadable: the scan is then
     segmented again, since its outputs are not complete)."""
-    import pyarrow.parquet as pq
+    from ..report.table import read_levels_table
 
     try:
-        return pq.read_table(path).to_pylist()
+        return read_levels_table(path)
     except (OSError, ValueError):  # pyarrow's errors are both (ArrowInvalid is a ValueError)
         return []
 

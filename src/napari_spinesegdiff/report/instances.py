@@ -57,6 +57,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..column import foreground_box
+
 CANAL_VALUE = 100
 DISC_BASE = 200
 PARTIAL_BASE = 100  # SPIDER: 101-125 partially visible vertebrae
@@ -394,12 +396,10 @@ def find_instances(labels, spacing, *, vertebrae: str = "whole", shift: int = 0,
     if bad:
         raise InstancesError(f"The class map holds {bad[0]}, which is not a class of the project's scheme "
                              "(0 background, 1 canal, 2 vertebra or body, 3 disc, 4 posterior elements).")
-    rows, cols = np.flatnonzero(lab.any(axis=(0, 2))), np.flatnonzero(lab.any(axis=(0, 1)))
-    if rows.size and (rows.size < lab.shape[1] or cols.size < lab.shape[2]):
+    rs, cs = foreground_box(lab, CROP_MARGIN)
+    if rs.stop and (rs.stop - rs.start < lab.shape[1] or cs.stop - cs.start < lab.shape[2]):
         # the work on the rows and columns of the foreground (and a margin: a structure touches the cropped
         # edge only where it is the image's), the map and centroids back in the whole frame
-        rs = slice(max(int(rows[0]) - CROP_MARGIN, 0), int(rows[-1]) + CROP_MARGIN + 1)
-        cs = slice(max(int(cols[0]) - CROP_MARGIN, 0), int(cols[-1]) + CROP_MARGIN + 1)
         found = _find(lab[:, rs, cs], sp, vertebrae, lumbar)
         inst = np.zeros(lab.shape, np.uint16)
         inst[:, rs, cs] = found.canonical

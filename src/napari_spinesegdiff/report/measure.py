@@ -48,6 +48,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..column import foreground_box
+
 #: Measurements of a body or disc (mm).
 PROFILE = ("height_anterior_mm", "height_middle_mm", "height_posterior_mm", "depth_mm")
 #: Every measurement column, in table order.
@@ -526,13 +528,8 @@ def measure_structures(instance_map: np.ndarray, spacing: Sequence[float], struc
     inst = np.asarray(instance_map)
     cache = {} if cache is None else cache
     if "box" not in cache:
-        rows_, cols_ = (np.flatnonzero(inst.any(axis=(0, 2))), np.flatnonzero(inst.any(axis=(0, 1)))) \
-            if inst.ndim == 3 and inst.size else (np.array([], int), np.array([], int))
-        if rows_.size:
-            cache["box"] = (slice(max(int(rows_[0]) - BOX_MARGIN, 0), int(rows_[-1]) + BOX_MARGIN + 1),
-                            slice(max(int(cols_[0]) - BOX_MARGIN, 0), int(cols_[-1]) + BOX_MARGIN + 1))
-        else:
-            cache["box"] = (slice(None), slice(None))
+        box = foreground_box(inst, BOX_MARGIN) if inst.ndim == 3 else (slice(0, 0),) * 2
+        cache["box"] = box if box[0].stop else (slice(None), slice(None))  # nothing labelled: the whole map
     rs, cs = cache["box"]
     r0, c0 = rs.start or 0, cs.start or 0
     shift_mm = np.array([r0 * spacing[1], c0 * spacing[2]])
