@@ -124,6 +124,10 @@ def test_review_lists_levels_renumbering_lines_hover_and_export(qtbot, phantom_v
             assert want in near, feat  # the line runs through its structure
         assert feat.label.split(" ")[0] == LINE_NAMES[feat.measure]
     assert list(shapes.text.values)[:1] == [shapes.features["label"][0]]
+    # the values are written beside the lines on request (the table and the instances' hover give them)
+    assert shapes.visible and not shapes.text.visible
+    w.review.values_box.setChecked(True)
+    assert shapes.text.visible
 
     # renumbering: one level down, then back; the table, the layer values and features follow
     before = names

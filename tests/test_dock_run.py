@@ -41,14 +41,13 @@ def test_run_makes_layers_on_the_image_grid_and_streams_each_requested_step(qtbo
     assert run(qtbot, w) == "done"
     image = viewer.layers[IMAGE]
     names = [layer.name for layer in viewer.layers]
-    probs = [n for n in names if n.startswith("P(")]
-    assert probs == ["P(spinal canal)", "P(vertebral body)", "P(intervertebral disc)", "P(vertebra)"]
-    for name in [LABELS_NAME, UNCERTAINTY_NAME, *probs]:
+    # a run adds what is looked at; the class probabilities and the trajectory are kept, layers on request
+    assert not any(n.startswith("P(") for n in names) and TRAJECTORY_NAME not in names
+    for name in [LABELS_NAME, UNCERTAINTY_NAME]:
         layer = viewer.layers[name]
-        assert layer.data.shape == image.data.shape
+        assert layer.visible and layer.data.shape == image.data.shape
         np.testing.assert_allclose(layer.scale, image.scale)
         np.testing.assert_allclose(layer.translate, image.translate)
-    assert not any(viewer.layers[n].visible for n in probs)
     assert w.state.stream_updates == 6
     labels = viewer.layers[LABELS_NAME]
     assert labels.data.dtype == np.uint8 and set(np.unique(labels.data)) <= {0, 1, 2, 3}
@@ -60,22 +59,42 @@ def test_run_makes_layers_on_the_image_grid_and_streams_each_requested_step(qtbo
     unc = viewer.layers[UNCERTAINTY_NAME]
     assert unc.colormap.name == "inferno" and unc.contrast_limits[1] == pytest.approx(1 / np.e)
     assert 0.0 <= float(unc.data.min()) and float(unc.data.max()) <= 1 / np.e + 1e-5
-    traj = viewer.layers[TRAJECTORY_NAME]
-    assert traj.data.shape == (2, *image.data.shape)  # one frame per streamed step of a batch
-    assert traj.data[:, 5:8].any() and not traj.data[:, outside].any()
-    np.testing.assert_allclose(traj.scale[1:], image.scale)
     assert not viewer.layers[DENOISING_NAME].visible
     score = mean_dice(labels.data, viewer.layers[TRUTH].data, slice(5, 8))
     print(f"\nwidget run: mean foreground Dice on slices 5-7 = {score:.3f} (floor {DICE_FLOOR})")
     assert score >= DICE_FLOOR
 
-    # a re-run on other slices updates the same layers and keeps the slices already segmented
+    # the Review tab's buttons make the kept layers: hidden P(...) images, then the 4-D trajectory
+    review = w.review
+    assert review.probabilities_button.isEnabled() and review.trajectory_button.isEnabled()
+    review.probabilities_button.click()
+    probs = ["P(spinal canal)", "P(vertebral body)", "P(intervertebral disc)", "P(vertebra)"]
+    qtbot.waitUntil(lambda: all(n in viewer.layers for n in probs), timeout=10_000)
+    for name in probs:
+        layer = viewer.layers[name]
+        assert not layer.visible and layer.data.shape == image.data.shape
+        np.testing.assert_allclose(layer.scale, image.scale)
+        assert 0.0 <= float(layer.data.min()) and float(layer.data.max()) <= 1.0
+    assert not viewer.layers[probs[0]].data[outside].any() and viewer.layers[probs[1]].data[5:8].max() > 0.5
+    review.trajectory_button.click()
+    traj = viewer.layers[TRAJECTORY_NAME]
+    assert traj.data.shape == (2, *image.data.shape)  # one frame per streamed step of a batch
+    assert traj.data[:, 5:8].any() and not traj.data[:, outside].any()
+    np.testing.assert_allclose(traj.scale[1:], image.scale)
+    assert viewer.dims.axis_labels[0] == "denoising step"
+
+    # a re-run on other slices updates the same layers (those made on request too) and keeps the slices already
+    # segmented
     before = labels.data.copy()
+    p_before = viewer.layers[probs[1]].data[5:8].copy()
     n_layers = len(viewer.layers)
     configure(w, steps=2, every=1, slices="9", batch=2)
     assert run(qtbot, w) == "done"
     assert len(viewer.layers) == n_layers and viewer.layers[LABELS_NAME] is labels
     np.testing.assert_array_equal(labels.data[5:8], before[5:8])
+    np.testing.assert_array_equal(viewer.layers[probs[1]].data[5:8], p_before)
+    assert viewer.layers[probs[1]].data[9].max() > 0.5
+    assert viewer.layers[TRAJECTORY_NAME].data[:, 9].any() and not viewer.layers[TRAJECTORY_NAME].data[:, 5:8].any()
     assert sorted(w.state.segmented) == [5, 6, 7, 9]
     assert w.state.stream_updates == 3  # steps 0, 1, 2
     assert [r["slices"] for r in w.provenance()["runs"]] == [[5, 8], [9, 10]]
@@ -303,3 +322,20 @@ def test_live_canvas_redraws_at_most_every_half_second_and_always_shows_the_late
     qtbot.wait(int(1500 * run_mod.LIVE_REDRAW_S))
     assert len(redraws) == 3  # and nothing redraws again without a new step
     w.state.run = None
+
+
+def test_a_stage_that_returns_a_callable_has_it_run_the_next_turn_before_the_others(qtbot):
+    from napari_spinesegdiff._dock.run import StageScheduler
+
+    order, turns = [], []
+    scheduler = StageScheduler()
+
+    def add_hidden():  # a layer built this turn, shown by the follow-up the next turn
+        order.append("add")
+        return lambda: order.append("show")
+
+    scheduler.schedule(add_hidden, lambda: order.append("next"), lambda: order.append("last"))
+    scheduler._timer.timeout.connect(lambda: turns.append(list(order)))
+    qtbot.waitUntil(lambda: scheduler.pending == 0 and len(order) == 4, timeout=5_000)
+    assert order == ["add", "show", "next", "last"]
+    assert turns[0] == ["add"] and turns[1] == ["add", "show"]  # one callable per turn of the event loop

@@ -2,14 +2,20 @@
 into the slices of the earlier results, placement on the image's scale and translate, the live
 ``denoising`` canvas and the ``denoising trajectory``.
 
-Results: ``spine labels`` (fixed label colours, ``CLASS_COLORS``; label names from the label scheme),
-``uncertainty`` (inferno, 0..1/e) and one hidden ``P(<channel>)`` layer per model channel, all with the
-image's scale and translate.  A re-run on the same image with the same label scheme replaces the slices it
-segmented (the other slices and their edits stay); any other run replaces the layers.
+Results: ``spine labels`` (fixed label colours, ``CLASS_COLORS``; label names from the label scheme) and
+``uncertainty`` (inferno, 0..1/e), with the image's scale and translate.  A re-run on the same image with the
+same label scheme replaces the slices it segmented (the other slices and their edits stay); any other run
+replaces the layers.  Kept, and made layers on request (:meth:`ResultLayers.show_probabilities`,
+:meth:`ResultLayers.show_trajectory`; then updated by every later run): one hidden ``P(<channel>)`` layer per
+model channel and the run's ``denoising trajectory``.  Each napari layer added costs the GUI thread 0.1-0.3 s
+(its vispy visuals and controls) and a 4-D one re-slices the viewer, so a run adds only what is looked at.
 
 The level report's layers: ``instances`` (the structures in SPIDER's values, outlined; its features give each
 value's level name and measurements, which napari's status bar shows under the cursor) and ``measurements``
-(a Shapes layer of the measured lines with their values as text).
+(a Shapes layer of the measured lines; their values as text on request, :meth:`ResultLayers.show_values`).
+
+A new layer is added hidden and shown by the next stage (:class:`Reveal`): the layer's construction and its
+first slicing and drawing are two turns of the event loop, not one.
 """
 
 from __future__ import annotations
@@ -42,6 +48,18 @@ MEASUREMENTS_NAME = "measurements"  # the measured lines (Shapes) with their val
 OUTPUT_KEY = "spinesegdiff_output"  # metadata flag of the layers the dock makes
 
 LABEL_COLORS = CLASS_COLORS
+PROBABILITY_PREFIX = "P("
+
+
+class Reveal:
+    """A stage that shows a layer just added hidden (its first slicing and drawing, one event-loop turn after
+    its construction)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self) -> None:
+        self.layer.visible = True
 
 
 def layer_volume(layer: Image) -> Volume:
@@ -119,6 +137,8 @@ class ResultLayers:
 
     def __init__(self, state: RunState):
         self.state = state
+        self.values_shown = False  # the measurements layer writes each value beside its line
+        self._probability_geometry: tuple[dict, dict] = ({}, {})
 
     @property
     def viewer(self):
@@ -158,6 +178,14 @@ class ResultLayers:
                 setattr(layer, key, kwargs[key])
         return layer
 
+    def put_revealed(self, name: str, data: np.ndarray, kind: str, geometry: dict, **kwargs):
+        """:meth:`put`; a layer that is new (and asked visible) is added hidden: returns ``(layer, reveal)`` with
+        the :class:`Reveal` stage to run next, ``None`` for a layer that was there."""
+        visible = kwargs.pop("visible", True)
+        new = self.find(name) is None
+        layer = self.put(name, data, kind, geometry, visible=visible and not new, **kwargs)
+        return layer, (Reveal(layer) if new and visible else None)
+
     def can_merge(self, name: str, shape: tuple[int, ...], same: bool) -> bool:
         """Whether a result of ``shape`` merges into the existing layer ``name`` (the same image and scheme)."""
         layer = self.find(name)
@@ -173,7 +201,8 @@ class ResultLayers:
 
     def result_stages(self, run: ActiveRun, res) -> list[Callable[[], Any]]:
         """Merge ``res`` into the result layers: the bookkeeping now, then one callable per layer to merge and
-        put (adding a napari layer takes ~0.1 s, so the caller runs them one event-loop turn each)."""
+        put (adding a napari layer takes 0.1-0.3 s, so the caller runs them one event-loop turn each; a stage
+        that returns a callable has it run the next turn)."""
         image = run.image
         idx = list(res.slices)
         names = written_label_names(res.class_names, run.config.vertebrae)
@@ -184,15 +213,15 @@ class ResultLayers:
         geometry = geometry_of(image)
         meta = {**(image.metadata or {}), OUTPUT_KEY: True, "source_image": image.name,
                 "provenance": res.provenance}
+        self._keep_probabilities(res, idx, keep, geometry, meta)
         stages: list[Callable[[], Any]] = []
-        for c, channel in enumerate(res.class_names):
-            stages.append(lambda n=f"P({channel})", c=c: self.put(
-                n, self.merged(n, res.canonical_probabilities[c], idx, keep), "image", geometry, colormap="gray",
-                contrast_limits=(0.0, 1.0), blending="additive", metadata=meta, visible=False))
+        if self.probability_layers():  # asked for earlier: kept up to date
+            stages += self.probability_stages()
         stages += [
-            lambda: self.put(UNCERTAINTY_NAME, self.merged(UNCERTAINTY_NAME, res.canonical_uncertainty, idx, keep),
-                             "image", geometry, colormap="inferno", contrast_limits=(0.0, MAX_UNCERTAINTY),
-                             blending="additive", opacity=0.6, metadata=meta),
+            lambda: self.put_revealed(UNCERTAINTY_NAME,
+                                      self.merged(UNCERTAINTY_NAME, res.canonical_uncertainty, idx, keep), "image",
+                                      geometry, colormap="inferno", contrast_limits=(0.0, MAX_UNCERTAINTY),
+                                      blending="additive", opacity=0.6, metadata=meta)[1],
             lambda: self.put_labels(self.merged(LABELS_NAME, res.canonical_labels, idx, keep), names, geometry, meta),
             lambda: self.finish_trajectory(run),
         ]
@@ -200,6 +229,45 @@ class ResultLayers:
             stages += [lambda: self.put_instances(run.levels), lambda: self.put_measurements(run.levels),
                        lambda: self.state.show_levels(run.levels)]
         return stages
+
+    # ------------------------------------------------------------------- kept results, layers on request
+
+    def _keep_probabilities(self, res, idx: list[int], keep: bool, geometry: dict, meta: dict) -> None:
+        """The class probabilities of the result (its own array, not copied), merged into the earlier runs'
+        slices like the layers (the ``P(...)`` layers show views of this array)."""
+        probs = np.asarray(res.canonical_probabilities, np.float32)
+        old = self.state.probabilities
+        if keep and old is not None and old.shape == probs.shape and self.state.channels == tuple(res.class_names):
+            old[:, idx] = probs[:, idx]
+        else:
+            self.state.probabilities = probs
+        self.state.channels = tuple(res.class_names)
+        self._probability_geometry = (geometry, meta)
+
+    def probability_layers(self) -> list:
+        """The dock's ``P(...)`` layers in the viewer."""
+        return [lay for lay in self.viewer.layers
+                if (lay.metadata or {}).get(OUTPUT_KEY) and lay.name.startswith(PROBABILITY_PREFIX)]
+
+    def probability_stages(self) -> list[Callable[[], Any]]:
+        """One stage per channel to put its hidden ``P(<channel>)`` layer from the kept probabilities (removing
+        those of channels the result does not have); none without a result."""
+        probs = self.state.probabilities
+        if probs is None:
+            return []
+        geometry, meta = self._probability_geometry
+        wanted = [f"{PROBABILITY_PREFIX}{c})" for c in self.state.channels]
+        stages: list[Callable[[], Any]] = [lambda lay=lay: self.viewer.layers.remove(lay)
+                                           for lay in self.probability_layers() if lay.name.split(" [")[0] not in wanted]
+        for c, name in enumerate(wanted):
+            stages.append(lambda n=name, c=c: self.put(n, probs[c], "image", geometry, colormap="gray",
+                                                       contrast_limits=(0.0, 1.0), blending="additive",
+                                                       metadata=meta, visible=False))
+        return stages
+
+    def show_probabilities(self) -> list[Callable[[], Any]]:
+        """The stages that make (or update) the hidden ``P(<channel>)`` layers of the result shown."""
+        return self.probability_stages()
 
     def qa_inputs(self) -> tuple | None:
         """The arguments of :func:`.worker.qa_in_thread` for the result layers as they are now (a copy of the
@@ -220,33 +288,35 @@ class ResultLayers:
         u = np.asarray(unc.data, np.float32) if unc is not None and unc.data.shape == labels.data.shape else None
         return LevelInputs(np.array(labels.data, copy=True), _spacing(labels), vertebrae, u, None, "labels")
 
-    def put_labels(self, labels: np.ndarray, names: dict[int, str], geometry: dict, meta: dict) -> None:
+    def put_labels(self, labels: np.ndarray, names: dict[int, str], geometry: dict, meta: dict) -> Reveal | None:
         import pandas as pd
 
         features = pd.DataFrame({"index": [0, *names], "class": ["background", *names.values()]})
         existed = self.find(LABELS_NAME)
-        layer = self.put(LABELS_NAME, labels, "labels", geometry, colormap=dict(LABEL_COLORS),
-                         features=features, metadata=meta, opacity=0.5)
+        layer, reveal = self.put_revealed(LABELS_NAME, labels, "labels", geometry, colormap=dict(LABEL_COLORS),
+                                          features=features, metadata=meta, opacity=0.5)
         if existed is None or existed is not layer:
             layer.events.paint.connect(self.state.count_edit)
         self.state.labels_reset(labels)
+        return reveal
 
-    def put_instances(self, report: LevelReport) -> None:
+    def put_instances(self, report: LevelReport) -> Reveal | None:
         """The ``instances`` labels layer: the report's instance map (SPIDER values), drawn as outlines over the
         class colours, with a features row per value (hovering a structure shows its level name, confidence and
         measurements in the status bar); removed when the report named nothing."""
         labels = self.find(LABELS_NAME)
         if report.instances is None or labels is None:
             self.remove(INSTANCES_NAME)
-            return
+            return None
         existed = self.find(INSTANCES_NAME) is not None
-        layer = self.put(INSTANCES_NAME, np.asarray(report.instances.canonical), "labels", geometry_of(labels),
-                         features=instance_features(report), metadata={OUTPUT_KEY: True, "shift": report.shift},
-                         opacity=0.9)
+        layer, reveal = self.put_revealed(INSTANCES_NAME, np.asarray(report.instances.canonical), "labels",
+                                          geometry_of(labels), features=instance_features(report),
+                                          metadata={OUTPUT_KEY: True, "shift": report.shift}, opacity=0.9)
         if not existed:
             layer.contour = 2
+        return reveal
 
-    def put_measurements(self, report: LevelReport) -> None:
+    def put_measurements(self, report: LevelReport) -> Reveal | None:
         """The ``measurements`` Shapes layer: every measured line of the report, its value as text; removed when
         there is none."""
         labels = self.find(LABELS_NAME)
@@ -255,16 +325,26 @@ class ResultLayers:
         if old is not None and labels is not None and len(old.data) == len(lines) and all(
                 np.array_equal(a, b) for a, b in zip(old.data, lines)):
             old.features = features  # the same lines (a renumbering): new level names only
-            return
+            return None
         visible = True if old is None else old.visible
         if old is not None:
             self.viewer.layers.remove(old)
         if not lines or labels is None:
-            return
-        self.viewer.add_shapes(lines, shape_type="line", name=MEASUREMENTS_NAME, features=features,
-                               edge_color=list(features["color"]), edge_width=0.8, visible=visible,
-                               text={"string": "{label}", "color": "white", "size": 8, "anchor": "upper_left"},
-                               metadata={OUTPUT_KEY: True}, **geometry_of(labels))
+            return None
+        layer = self.viewer.add_shapes(
+            lines, shape_type="line", name=MEASUREMENTS_NAME, features=features, edge_color=list(features["color"]),
+            edge_width=0.8, visible=False, metadata={OUTPUT_KEY: True}, **geometry_of(labels),
+            text={"string": "{label}", "color": "white", "size": 8, "anchor": "upper_left",
+                  "visible": self.values_shown})
+        return Reveal(layer) if visible else None
+
+    def show_values(self, shown: bool) -> None:
+        """Write the measured values beside their lines, or not (off by default: the Review table lists them,
+        and a text visual's first drawing renders its glyphs, 0.1-0.3 s of the GUI thread in software OpenGL)."""
+        self.values_shown = bool(shown)
+        layer = self.find(MEASUREMENTS_NAME)
+        if layer is not None:
+            layer.text.visible = self.values_shown
 
     def show_result(self) -> None:
         """After the result layers are put: hide the live canvas, select the labels."""
@@ -278,7 +358,9 @@ class ResultLayers:
     # --------------------------------------------------------------------------------- live denoising
 
     def prepare_denoising(self, run: ActiveRun) -> None:
-        """The live ``denoising`` layer: an RGB canvas of the scan's canonical shape, cleared."""
+        """The live ``denoising`` layer: an RGB canvas of the scan's canonical shape, cleared and hidden until
+        the run's first streamed step shows it (:meth:`.run.RunController._show_frame`: a new layer's
+        construction and its first drawing are then two turns of the event loop)."""
         image = run.image
         data = np.zeros((*image.data.shape, 3), np.uint8)
         layer = self.find(DENOISING_NAME)
@@ -286,37 +368,48 @@ class ResultLayers:
             self.viewer.layers.remove(layer)
             layer = None
         if layer is None:
-            layer = self.viewer.add_image(data, name=DENOISING_NAME, rgb=True, blending="additive",
+            layer = self.viewer.add_image(data, name=DENOISING_NAME, rgb=True, blending="additive", visible=False,
                                           metadata={OUTPUT_KEY: True}, **geometry_of(image))
         else:
+            layer.visible = False
             layer.data = data
             place(layer, geometry_of(image))
-            layer.visible = True
         run.denoise_layer = layer
 
     def prepare_trajectory(self, run: ActiveRun) -> None:
-        """The run's trajectory array, sized for the requested steps within the memory budget.  It becomes the
-        (hidden) ``denoising trajectory`` layer only when the run completes: a 4-D layer added or removed while
-        the run streams changes the viewer's dimensions and re-slices every layer (a stall of ~0.5 s)."""
+        """The shape of the run's trajectory array, sized for the requested steps within the memory budget (the
+        worker allocates it).  It is kept when the run completes and becomes the ``denoising trajectory`` layer
+        on request: a 4-D layer added or removed changes the viewer's dimensions and re-slices every layer."""
         shape = run.image.data.shape
         n = trajectory_frames(len(streamed_steps(run.config.steps, run.stream_every)), shape,
                               TRAJECTORY_BUDGET_BYTES)
-        run.trajectory = np.zeros((n, *shape), np.uint8)
+        run.trajectory_shape = (n, *shape)
 
     def finish_trajectory(self, run: ActiveRun) -> None:
-        """Put the frames used as the ``denoising trajectory`` layer, show the final estimate's frame, label the
-        step axis."""
+        """Keep the run's streamed frames (the result's denoising trajectory); the ``denoising trajectory``
+        layer, when it was asked for, shows them."""
         if run.trajectory is None:
             return
         used = max(1, run.frames_used)
         geo = {"scale": (1.0, *run.image.scale), "translate": (0.0, *run.image.translate)}
-        self.put(TRAJECTORY_NAME, run.trajectory[:used], "labels", geo, colormap=dict(LABEL_COLORS),
-                 metadata={OUTPUT_KEY: True, "axes": ["step", "slice", "row", "column"]}, visible=False)
+        self.state.trajectory = (run.trajectory[:used], geo)
+        if self.find(TRAJECTORY_NAME) is not None:
+            self.show_trajectory()
+
+    def show_trajectory(self) -> bool:
+        """Put the kept frames as the (4-D) ``denoising trajectory`` labels layer, show the final estimate's
+        frame, label the step axis; ``False`` without a trajectory."""
+        if self.state.trajectory is None:
+            return False
+        frames, geo = self.state.trajectory
+        self.put(TRAJECTORY_NAME, frames, "labels", geo, colormap=dict(LABEL_COLORS),
+                 metadata={OUTPUT_KEY: True, "axes": ["step", "slice", "row", "column"]})
         dims = self.viewer.dims
         if dims.ndim == 4 and max(lay.ndim for lay in self.viewer.layers) == 4:
-            dims.set_current_step(0, used - 1)  # scrub back from the final estimate
+            dims.set_current_step(0, len(frames) - 1)  # scrub back from the final estimate
             if dims.axis_labels[0] in ("0", "-4"):
                 dims.axis_labels = ("denoising step", *dims.axis_labels[1:])
+        return True
 
     def discard_live(self) -> None:
         """The live estimate of a run that did not finish is not a result: the ``denoising`` canvas is hidden and

@@ -327,6 +327,7 @@ class QueuePanel(QWidget):
         labels.events.paint.connect(self.state.count_edit)
         slices = list(it.slices) if it.slices is not None else list(range(image.data.shape[0]))
         self.state.adopt(image, SimpleNamespace(slices=slices, class_names=(), provenance=prov), names, merged=False)
+        self.state.probabilities, self.state.trajectory = None, None  # a run's, not this scan's
         self.state.labels_reset(np.asarray(labels.data))
         self._image, self.current, self._from_edit = image, row, from_edit
         self._opened_labels = np.array(labels.data, copy=True)

@@ -1,7 +1,8 @@
 """The Review panel: the levels table (each structure by its level name, ``L4-L5 disc``, with its measurements
 and their 90 % intervals, confidence, uncertainty and flags; the numbering can be shifted one level up or
 down), the structure and slice tables (most uncertain first), the threshold slider of the ``uncertain
-boundary`` overlay, and the Refresh / Export buttons.  A click on a row moves the viewer there.
+boundary`` overlay, the buttons that make the layers a run keeps without adding them (the class probabilities,
+the denoising steps) and the Refresh / Export buttons.  A click on a row moves the viewer there.
 
 The QA tables are computed in a thread from a copy of the labels (edits included): by the run controller when
 a run's result arrives (``state.qa_ready``; the run ends once they are filled) and here when Refresh is
@@ -17,6 +18,7 @@ import math
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
+    QCheckBox,
     QHBoxLayout,
     QLabel,
     QPushButton,
@@ -30,6 +32,7 @@ from qtpy.QtWidgets import (
 from .layers import OUTPUT_KEY, OVERLAY_NAME, UNCERTAINTY_NAME, ResultLayers, geometry_of
 from .levels import TABLE_MEASURES, LevelReport, compute_levels, measure_text, position, renumber, summary, title
 from .navigation import go_to
+from .run import StageScheduler
 from .qa import MAX_UNCERTAINTY, uncertain_mask
 from .state import RunState
 from .worker import qa_in_thread
@@ -122,6 +125,7 @@ class ReviewPanel(QWidget):
         state.levels_changed.connect(self._fill_levels)
         state.qa_ready.connect(self._fill_tables)
         state.status_changed.connect(self._on_status)
+        self._on_status(state.status)
 
     def _build(self) -> None:
         lay = QVBoxLayout(self)
@@ -166,6 +170,25 @@ class ReviewPanel(QWidget):
         self._threshold_timer.setInterval(60)
         self._threshold_timer.timeout.connect(self.update_overlay)
         self.threshold.valueChanged.connect(self._on_threshold)
+        more = QHBoxLayout()
+        self.probabilities_button = QPushButton("Class probabilities")
+        self.probabilities_button.setToolTip("Add the result's probability of each model channel as a hidden "
+                                             "'P(...)' image layer (0..1); later runs keep them up to date.")
+        self.probabilities_button.clicked.connect(self.show_probabilities)
+        self.trajectory_button = QPushButton("Denoising steps")
+        self.trajectory_button.setToolTip("Add the 'denoising trajectory' layer: every streamed step of the last "
+                                          "run; scrub its slider to replay the denoising.")
+        self.trajectory_button.clicked.connect(self.show_trajectory)
+        self.values_box = QCheckBox("Values on the lines")
+        self.values_box.setToolTip("Write each measurement's value beside its line in the 'measurements' layer "
+                                   "(the table lists them all; hovering a structure of the 'instances' layer "
+                                   "shows its values in the status bar).")
+        self.values_box.toggled.connect(self.layers.show_values)
+        more.addWidget(self.probabilities_button)
+        more.addWidget(self.trajectory_button)
+        more.addWidget(self.values_box)
+        lay.addLayout(more)
+        self._stages = StageScheduler(self)
         buttons = QHBoxLayout()
         self.refresh_button = QPushButton("Refresh tables")
         self.refresh_button.setToolTip("Recompute the tables after editing the labels.")
@@ -182,7 +205,19 @@ class ReviewPanel(QWidget):
         idle = not self.state.is_running
         self.export_button.setEnabled(idle)
         self.refresh_button.setEnabled(idle)
+        self.probabilities_button.setEnabled(idle and self.state.probabilities is not None)
+        self.trajectory_button.setEnabled(idle and self.state.trajectory is not None)
         self._enable_renumbering()
+
+    def show_probabilities(self) -> None:
+        """The hidden ``P(<channel>)`` layers of the result, one per turn of the event loop."""
+        self._stages.schedule(*self.layers.show_probabilities())
+
+    def show_trajectory(self) -> None:
+        """The ``denoising trajectory`` layer of the last run, its last step shown."""
+        if self.layers.show_trajectory():
+            self.state.say("The 'denoising trajectory' layer holds the last run's streamed steps: scrub its "
+                           "'denoising step' slider to replay them.")
 
     def _enable_renumbering(self) -> None:
         report = self.state.levels
@@ -308,7 +343,9 @@ class ReviewPanel(QWidget):
                  lambda: self.state.show_levels(report, token)]
 
         def next_step():
-            steps.pop(0)()
+            follow = steps.pop(0)()
+            if callable(follow):  # a layer added hidden: shown the next turn
+                steps.insert(0, follow)
             if steps:
                 QTimer.singleShot(0, next_step)
             else:

@@ -60,8 +60,9 @@ def shows_any_slice(viewer, layer, idx) -> bool:
 
 
 class StageScheduler(QObject):
-    """Runs callables one per turn of the Qt event loop, in order (adding a napari layer takes ~0.1 s;
-    adding them all in one turn would stall the GUI)."""
+    """Runs callables one per turn of the Qt event loop, in order (adding a napari layer takes 0.1-0.3 s;
+    adding them all in one turn would stall the GUI).  A callable that returns a callable has it run the next
+    turn, before the others."""
 
     def __init__(self, parent: QObject | None = None):
         super().__init__(parent)
@@ -81,7 +82,9 @@ class StageScheduler(QObject):
 
     def _run_next(self) -> None:
         if self._pending:
-            self._pending.popleft()()
+            follow = self._pending.popleft()()
+            if callable(follow):  # the stage's second half (a layer added hidden, shown now): the next turn
+                self._pending.appendleft(follow)
         if not self._pending:
             self._timer.stop()
 
@@ -209,7 +212,11 @@ class RunController(QObject):
         layer = run.denoise_layer
         if layer is not None and layer in self.state.viewer.layers:
             layer.data[idx] = fr.rgb
-            if shows_any_slice(self.state.viewer, layer, idx):  # else read when the user moves to these slices
+            if not run.canvas_shown:  # the canvas was added (or cleared) hidden: the first step shows it
+                run.canvas_shown = True
+                self._redrawn = time.perf_counter()
+                layer.visible = True  # slices and draws it
+            elif shows_any_slice(self.state.viewer, layer, idx):  # else read when the user moves to these slices
                 wait = LIVE_REDRAW_S - (time.perf_counter() - self._redrawn)
                 if wait <= 0 or fr.step == 0:  # a batch's presegmentation shows at once
                     self._redraw_live()

@@ -50,7 +50,9 @@ class ActiveRun:
     completed: bool = False
     error: str | None = None
     denoise_layer: Any = None
-    trajectory: np.ndarray | None = None
+    canvas_shown: bool = False  # the run's first streamed step has shown the live canvas
+    trajectory_shape: tuple[int, ...] | None = None  # (frames, slices, rows, columns), set when the run streams
+    trajectory: np.ndarray | None = None  # allocated by the worker before its first frame
     frames_used: int = 0
     batch_counts: dict[int, int] = field(default_factory=dict)
     levels: Any = None  # the result's level report (levels.LevelReport), computed by the worker after the run
@@ -63,7 +65,8 @@ class ActiveRun:
 
 @dataclass(frozen=True)
 class ResultInfo:
-    """What the state keeps of a shown result (the arrays live in the layers only, not twice in memory)."""
+    """What the state keeps of a shown result (its labels and uncertainty live in the layers only; the class
+    probabilities and the trajectory in :attr:`RunState.probabilities` and :attr:`RunState.trajectory`)."""
 
     slices: tuple[int, ...]
     channels: tuple[str, ...]  # the model's channel names (the P(...) layers)
@@ -113,6 +116,9 @@ class RunState(QObject):
         self.levels = None  # the level report behind the Review tab's levels table and the level layers
         self.levels_for = None  # the ``original_labels`` it describes (``None``: none)
         self.levels_edits = 0  # the edits of the labels layer it includes (``paint_events`` when it was made)
+        self.probabilities: np.ndarray | None = None  # the result's class probabilities (C, slices, rows, columns)
+        self.channels: tuple[str, ...] = ()  # their channel names
+        self.trajectory: tuple[np.ndarray, dict] | None = None  # the last run's streamed frames and their geometry
 
     @property
     def is_running(self) -> bool:

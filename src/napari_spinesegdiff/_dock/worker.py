@@ -161,6 +161,8 @@ def segment_in_thread(volume: Volume, config: SegmentationConfig, prior: np.ndar
     from ..pipeline import SegmentationError, StepUpdate, segment
 
     try:
+        if run.trajectory_shape is not None:  # tens of MB zeroed here, not on the GUI thread (before any frame)
+            run.trajectory = np.zeros(run.trajectory_shape, np.uint8)
         models = shared_models(config)
         class_names = list(models.diffusion_config.class_names)
         gen = segment(volume, config, prior_labels=prior, stream_every=stream_every, models=models,
