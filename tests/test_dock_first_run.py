@@ -117,7 +117,7 @@ def test_qa_tables_are_filled_when_the_run_finished_signal_fires(qtbot, phantom_
     assert message.startswith("Done in ") and tab == REVIEW_TAB
 
 
-def test_opening_the_dock_builds_a_labels_and_a_shapes_layer_once_and_leaves_the_users_layers_as_they_were(
+def test_opening_the_dock_builds_a_labels_and_a_vectors_layer_once_and_leaves_the_users_layers_as_they_were(
         qtbot, make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("spinesegdiff", "phantom_t2w")
@@ -132,7 +132,7 @@ def test_opening_the_dock_builds_a_labels_and_a_shapes_layer_once_and_leaves_the
     viewer.layers.events.removed.connect(lambda e: removed.append(e.value.name))
 
     w = dock(viewer)
-    # the warm-up: one labels layer and one shapes layer in and out again (never drawn: within the dock's opening)
+    # the warm-up: one labels layer and one vectors layer in and out again (never drawn: within the dock's opening)
     assert inserted == removed == ["spinesegdiff warm-up", "spinesegdiff warm-up lines"]
     assert list(viewer.layers) == layers_before
     assert set(viewer.layers.selection) == {viewer.layers[IMAGE]}

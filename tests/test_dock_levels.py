@@ -112,7 +112,8 @@ def test_review_lists_levels_renumbering_lines_hover_and_export(qtbot, phantom_v
     np.testing.assert_allclose(shapes.scale, labels.scale)
     spacing = np.asarray(labels.scale)
     assert len(set(names)) == len(names)  # every structure once
-    for line, feat in zip(shapes.data, shapes.features.itertuples()):
+    for vector, feat in zip(shapes.data, shapes.features.itertuples()):
+        line = np.stack([vector[0], vector[0] + vector[1]])  # a vector: its start and its direction
         assert line.shape == (2, 3) and line[0, 0] == line[1, 0] and 5 <= line[0, 0] <= 7
         length = float(np.linalg.norm((line[1] - line[0])[1:] * spacing[1:]))
         if feat.measure.endswith("_mm"):
@@ -123,11 +124,15 @@ def test_review_lists_levels_renumbering_lines_hover_and_export(qtbot, phantom_v
                 report.instances.by_level(feat.level.split(" ")[0]).value
             assert want in near, feat  # the line runs through its structure
         assert feat.label.split(" ")[0] == LINE_NAMES[feat.measure]
-    assert list(shapes.text.values)[:1] == [shapes.features["label"][0]]
     # the values are written beside the lines on request (the table and the instances' hover give them)
-    assert shapes.visible and not shapes.text.visible
+    from napari_spinesegdiff._dock.layers import VALUES_NAME
+
+    assert shapes.visible and VALUES_NAME not in viewer.layers
     w.review.values_box.setChecked(True)
-    assert shapes.text.visible
+    values = viewer.layers[VALUES_NAME]
+    np.testing.assert_allclose(values.data, np.asarray(shapes.data)[:, 0])
+    np.testing.assert_allclose(values.scale, labels.scale)
+    assert list(values.text.values) == list(shapes.features["label"])
 
     # renumbering: one level down, then back; the table, the layer values and features follow
     before = names
@@ -140,6 +145,7 @@ def test_review_lists_levels_renumbering_lines_hover_and_export(qtbot, phantom_v
     assert inst.data[centre] == 201  # the same voxels now L5-S1
     assert "L5-S1 disc" in inst.get_status(centre, world=False)["value"]
     assert "L5-S1 disc" in set(viewer.layers[MEASUREMENTS_NAME].features["level"])
+    assert "L5-S1 disc" in set(viewer.layers[VALUES_NAME].features["level"])  # the values' layer follows
     assert "renumbered:+1" in w.state.levels.scan_flags
     renumber(qtbot, w, w.review.names_up)
     assert [r_[NAME_COLUMN] for r_ in table_rows(w)] == before and inst.data[centre] == 202

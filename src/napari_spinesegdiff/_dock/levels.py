@@ -9,7 +9,7 @@ module only the dock's side of it:
 * :func:`title`, :func:`measure_text`, :data:`TABLE_MEASURES` -- the Review tab's rows;
 * :func:`instance_features` -- the ``instances`` labels layer's features (one row per SPIDER value, with the
   ``index`` column napari maps label values by): hovering a structure shows its level name and measurements;
-* :func:`measured_lines` -- the ``measurements`` Shapes layer: every measured line with its value as text;
+* :func:`measured_lines` -- the ``measurements`` layer: every measured line, its value as its text;
 * :func:`position` -- where a row's "go there" moves the viewer.
 """
 
