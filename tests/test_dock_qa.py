@@ -98,6 +98,15 @@ def test_classes_follow_the_pipeline_rule():
     p[0, :, 0, 3] = (0.0, 0.51, 0.0)  # vertebra
     np.testing.assert_array_equal(classes_from_probabilities(p), [[[0, 1, 3, 2]]])
 
+    # the same as "argmax among the channels above 0.5" everywhere, ties (first channel wins) and 0.5 included
+    rng = np.random.default_rng(3)
+    q = (np.round(rng.random((3, 4, 16, 16)) * 4) / 4).astype(np.float32)  # quarters: many ties, many 0.5
+    above = q > 0.5
+    want = np.where(above.any(axis=1), np.argmax(np.where(above, q, -1.0), axis=1) + 1, 0)
+    got = classes_from_probabilities(q)
+    assert got.dtype == np.uint8 and set(np.unique(got)) == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(got, want)
+
 
 def test_probability_rgb_weights_class_colours():
     p = np.zeros((2, 3, 1, 3), np.float32)

@@ -170,27 +170,40 @@ def uncertain_mask(uncertainty: np.ndarray, threshold: float) -> np.ndarray:
 
 def classes_from_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """(n, C, rows, cols) probabilities -> (n, rows, cols) uint8 classes with the pipeline's rule: the most
-    probable class among those above 0.5, else background."""
+    probable class among those above 0.5, else background (the first channel wins a tie).  The running
+    maximum over the channels, not an ``argmax`` over a masked copy: about a third of the time, per streamed
+    step of the live view."""
     p = np.asarray(probabilities)
-    above = p > 0.5
-    best = np.argmax(np.where(above, p, -1.0), axis=1) + 1
-    return np.where(above.any(axis=1), best, 0).astype(np.uint8)
+    best_value = np.array(p[:, 0], dtype=np.float32, copy=True)
+    best = np.zeros(best_value.shape, np.uint8)
+    for k in range(1, p.shape[1]):
+        channel = p[:, k]
+        np.copyto(best, np.uint8(k), where=channel > best_value)
+        np.maximum(best_value, channel, out=best_value)
+    best += 1
+    np.copyto(best, np.uint8(0), where=~(best_value > 0.5))
+    return best
 
 
 def probability_rgb(probabilities: np.ndarray, colors: Mapping[int, tuple[int, int, int]] = CLASS_RGB) -> np.ndarray:
     """(n, C, rows, cols) probabilities -> (n, rows, cols, 3) uint8: each class's colour weighted by its
     probability (summed and clipped), for an additive overlay on the scan."""
     p = np.asarray(probabilities, dtype=np.float32)
-    n, c = p.shape[:2]
+    c = p.shape[1]
     palette = np.array([colors.get(k + 1, (255, 255, 255)) for k in range(c)], dtype=np.float32)  # (C, 3)
-    # a multiply-add per class and colour, not a BLAS call: OpenBLAS's threads spin after each call and took
-    # the cores from the inference engine's threads (the streamed run was 1.5x the unstreamed one)
-    rgb = np.zeros((n, *p.shape[2:], 3), dtype=np.float32)
-    for k in range(c):
-        for j in range(3):
+    # a multiply-add per class into one contiguous colour plane at a time, not a BLAS call: OpenBLAS's threads
+    # spin after each call and took the cores from the inference engine's threads (the streamed run was 1.5x
+    # the unstreamed one)
+    rgb = np.empty((p.shape[0], *p.shape[2:], 3), dtype=np.uint8)
+    plane = np.empty((p.shape[0], *p.shape[2:]), dtype=np.float32)
+    for j in range(3):
+        plane.fill(0.0)
+        for k in range(c):
             if palette[k, j]:
-                rgb[..., j] += palette[k, j] * p[:, k]
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+                plane += palette[k, j] * p[:, k]
+        np.clip(plane, 0, 255, out=plane)
+        rgb[..., j] = plane
+    return rgb
 
 
 def streamed_steps(total_steps: int, stream_every: int) -> list[int]:
