@@ -5,8 +5,8 @@ Only the GUI thread touches layers.  Each batch first streams its presegmentatio
 the first denoiser pass).  Every streamed step writes the current x0 estimate of the slices being
 denoised into the ``denoising`` layer (class colours weighted by probability, additive over the scan) and
 into the run's trajectory (step, slice, row, column; uint8 classes; at most ``TRAJECTORY_BUDGET_BYTES``),
-which becomes the ``denoising trajectory`` labels layer when the run completes, so the history can be
-scrubbed.  The worker converts each step to uint8 before handing it over, so the GUI work per update is one
+which the completed run keeps: the Review tab's *Denoising steps* makes it the ``denoising trajectory`` labels
+layer, so the history can be scrubbed.  The worker converts each step to uint8 before handing it over, so the GUI work per update is one
 slice assignment and a refresh.
 Cancel stops at the next denoising step: no result layer is added or changed, and the partial estimate is
 cleared from the (hidden) ``denoising`` canvas.
