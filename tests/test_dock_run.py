@@ -325,7 +325,7 @@ def test_live_canvas_redraws_at_most_every_half_second_and_always_shows_the_late
 
 
 def test_a_stage_that_returns_a_callable_has_it_run_the_next_turn_before_the_others(qtbot):
-    from napari_spinesegdiff._dock.run import StageScheduler
+    from napari_spinesegdiff._dock.stages import StageScheduler
 
     order, turns = [], []
     scheduler = StageScheduler()

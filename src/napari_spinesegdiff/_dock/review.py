@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 from .layers import OUTPUT_KEY, OVERLAY_NAME, UNCERTAINTY_NAME, ResultLayers, geometry_of
 from .levels import TABLE_MEASURES, LevelReport, compute_levels, measure_text, position, renumber, summary, title
 from .navigation import go_to
-from .run import StageScheduler
+from .stages import StageScheduler
 from .qa import MAX_UNCERTAINTY, uncertain_mask
 from .state import RunState
 from .worker import qa_in_thread

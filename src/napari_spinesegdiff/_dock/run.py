@@ -20,8 +20,6 @@ tab's QA tables are filled too: they are computed in a thread while the last res
 from __future__ import annotations
 
 import time
-from collections import deque
-from typing import Callable
 
 import numpy as np
 from qtpy.QtCore import QObject, QTimer
@@ -31,6 +29,7 @@ from ..io.volume import Volume
 from .layers import ResultLayers
 from .navigation import jump_into_run
 from .qa import frame_slot, streamed_steps
+from .stages import StageScheduler
 from .state import CANCELLING, ActiveRun, RunRequest, RunState
 from .worker import StreamFrame, preload_in_thread, qa_in_thread, segment_in_thread
 
@@ -57,36 +56,6 @@ def shows_any_slice(viewer, layer, idx) -> bool:
         return True
     shown = int(np.round(layer.world_to_data(dims.point)[0]))
     return shown in set(int(i) for i in idx)
-
-
-class StageScheduler(QObject):
-    """Runs callables one per turn of the Qt event loop, in order (adding a napari layer takes 0.1-0.3 s;
-    adding them all in one turn would stall the GUI).  A callable that returns a callable has it run the next
-    turn, before the others."""
-
-    def __init__(self, parent: QObject | None = None):
-        super().__init__(parent)
-        self._pending: deque[Callable[[], object]] = deque()
-        self._timer = QTimer(self)
-        self._timer.setInterval(10)  # > 0 so that other timers and input get a turn between stages
-        self._timer.timeout.connect(self._run_next)
-
-    def schedule(self, *stages: Callable[[], object]) -> None:
-        self._pending.extend(stages)
-        if not self._timer.isActive():
-            self._timer.start()
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def _run_next(self) -> None:
-        if self._pending:
-            follow = self._pending.popleft()()
-            if callable(follow):  # the stage's second half (a layer added hidden, shown now): the next turn
-                self._pending.appendleft(follow)
-        if not self._pending:
-            self._timer.stop()
 
 
 class RunController(QObject):
