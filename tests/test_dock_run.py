@@ -339,3 +339,24 @@ def test_a_stage_that_returns_a_callable_has_it_run_the_next_turn_before_the_oth
     qtbot.waitUntil(lambda: scheduler.pending == 0 and len(order) == 4, timeout=5_000)
     assert order == ["add", "show", "next", "last"]
     assert turns[0] == ["add"] and turns[1] == ["add", "show"]  # one callable per turn of the event loop
+
+
+def test_the_progress_bar_moves_at_most_every_interval_and_ends_at_the_last_pass(qtbot, phantom_viewer):
+    from napari_spinesegdiff._dock.run import PROGRESS_INTERVAL_S
+
+    viewer, w = phantom_viewer()
+    configure(w, steps=12, every=0, slices="4:8", batch=2)  # 2 batches x 12 passes, no live view
+    moves: list[tuple[int, int, float]] = []
+    w.state.progress_changed.connect(lambda done, total: moves.append((done, total, time.perf_counter())))
+    t0 = time.perf_counter()
+    assert run(qtbot, w) == "done"
+    elapsed = time.perf_counter() - t0
+    shown = [(d, t) for d, t, _ in moves if t > 0]
+    assert shown[0][0] == 0 and shown[-1] == (24, 24)  # the first and the last pass always show
+    assert [d for d, _ in shown] == sorted(d for d, _ in shown)
+    assert moves[-1][:2] == (0, 0)  # hidden when the run ends
+    # every move but the first and the last waits the interval: one window composition each
+    assert len(shown) <= 2 + elapsed / PROGRESS_INTERVAL_S, (len(shown), elapsed)
+    before_last = [t for d, total, t in moves if 0 < total and d < total]
+    gaps = [b - a for a, b in zip(before_last, before_last[1:])]
+    assert len(before_last) >= 2 and all(g >= PROGRESS_INTERVAL_S - 0.01 for g in gaps), gaps
