@@ -95,6 +95,8 @@ def test_queue_review_decide_edit_reopen_and_move(qtbot, make_napari_viewer, coh
         assert q.open_row(0)
     first = ok[0]
     image, labels, unc = w.state.result_image, viewer.layers[LABELS_NAME], viewer.layers[UNCERTAINTY_NAME]
+    # a batch's scan has no run's probabilities or denoising steps to make layers of
+    assert not w.review.probabilities_button.isEnabled() and not w.review.trajectory_button.isEnabled()
     ref = read_layers(first["input"])[0][1]
     for layer in (image, labels, unc):
         np.testing.assert_allclose(layer.scale, ref["scale"])

@@ -5,7 +5,7 @@ into the slices of the earlier results, placement on the image's scale and trans
 Results: ``spine labels`` (fixed label colours, ``CLASS_COLORS``; label names from the label scheme) and
 ``uncertainty`` (inferno, 0..1/e), with the image's scale and translate.  A re-run on the same image with the
 same label scheme replaces the slices it segmented (the other slices and their edits stay); any other run
-replaces the layers.  Kept, and made layers on request (:meth:`ResultLayers.show_probabilities`,
+replaces the layers.  Kept, and made layers on request (:meth:`ResultLayers.probability_stages`,
 :meth:`ResultLayers.show_trajectory`; then updated by every later run): one hidden ``P(<channel>)`` layer per
 model channel and the run's ``denoising trajectory``.  Each napari layer added costs the GUI thread 0.1-0.3 s
 (its vispy visuals and controls) and a 4-D one re-slices the viewer, so a run adds only what is looked at.
@@ -265,10 +265,6 @@ class ResultLayers:
                                                        contrast_limits=(0.0, 1.0), blending="additive",
                                                        metadata=meta, visible=False))
         return stages
-
-    def show_probabilities(self) -> list[Callable[[], Any]]:
-        """The stages that make (or update) the hidden ``P(<channel>)`` layers of the result shown."""
-        return self.probability_stages()
 
     def qa_inputs(self) -> tuple | None:
         """The arguments of :func:`.worker.qa_in_thread` for the result layers as they are now (a copy of the

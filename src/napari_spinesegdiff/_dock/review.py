@@ -125,6 +125,7 @@ class ReviewPanel(QWidget):
         state.levels_changed.connect(self._fill_levels)
         state.qa_ready.connect(self._fill_tables)
         state.status_changed.connect(self._on_status)
+        state.result_changed.connect(lambda: self._on_status(state.status))  # a run's or a queue scan's result
         self._on_status(state.status)
 
     def _build(self) -> None:
@@ -211,11 +212,17 @@ class ReviewPanel(QWidget):
 
     def show_probabilities(self) -> None:
         """The hidden ``P(<channel>)`` layers of the result, one per turn of the event loop."""
-        self._stages.schedule(*self.layers.show_probabilities())
+        stages = self.layers.probability_stages()
+        if not stages:
+            self.state.say("No run's result is shown: its class probabilities are made by a run.")
+            return
+        self._stages.schedule(*stages)
 
     def show_trajectory(self) -> None:
         """The ``denoising trajectory`` layer of the last run, its last step shown."""
-        if self.layers.show_trajectory():
+        if not self.layers.show_trajectory():
+            self.state.say("No run's denoising steps are kept: a run with the live view on records them.")
+        else:
             self.state.say("The 'denoising trajectory' layer holds the last run's streamed steps: scrub its "
                            "'denoising step' slider to replay them.")
 
