@@ -90,6 +90,11 @@ def test_queue_review_decide_edit_reopen_and_move(qtbot, make_napari_viewer, coh
     assert table[3][1] == "failed" and table[3][FLAGS].startswith("error: ")
     assert not q.open_row(3) and q.current is None  # a failed scan cannot be opened
 
+    # as after a run: its probabilities and denoising steps kept, the Review tab's buttons to make them layers
+    w.state.probabilities, w.state.trajectory = np.zeros((3, 2, 4, 4), np.float32), (np.zeros((1, 2, 4, 4)), {})
+    w.state.result_changed.emit()
+    assert w.review.probabilities_button.isEnabled() and w.review.trajectory_button.isEnabled()
+
     # the most uncertain scan, placed as the plugin's reader places it
     with qtbot.waitSignal(q.scan_opened, timeout=5000):
         assert q.open_row(0)
