@@ -408,7 +408,8 @@ class ResultLayers:
     def finish_trajectory(self, run: ActiveRun) -> None:
         """Keep the run's streamed frames (the result's denoising trajectory); the ``denoising trajectory``
         layer, when it was asked for, shows them."""
-        if run.trajectory is None:
+        if run.trajectory is None:  # a run without the live view recorded none
+            self.state.trajectory = None
             return
         used = max(1, run.frames_used)
         geo = {"scale": (1.0, *run.image.scale), "translate": (0.0, *run.image.translate)}
