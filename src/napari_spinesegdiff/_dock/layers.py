@@ -21,8 +21,9 @@ first slicing and drawing are two turns of the event loop, not one.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -62,6 +63,21 @@ class Reveal:
 
     def __call__(self) -> None:
         self.layer.visible = True
+
+
+@contextmanager
+def keeping_selection(viewer) -> Iterator[None]:
+    """Layers added (or removed) inside leave the layer list's selection as it was: napari selects every layer
+    it inserts."""
+    selection = viewer.layers.selection
+    selected, active = set(selection), selection.active
+    try:
+        yield
+    finally:
+        selection.clear()
+        if active is not None and active in viewer.layers:
+            selection.active = active
+        selection.update(lay for lay in selected if lay in viewer.layers)
 
 
 def layer_volume(layer: Image) -> Volume:
@@ -119,18 +135,14 @@ def prepare_labels_code(viewer) -> None:
     layers off screen as well (shader programs, glyphs) cost the opening 0.75 s and the first run's largest
     gap only 45 ms less (vispy keeps glyphs per text visual), so they are not drawn.  No user layer is
     touched: their data, undo history and visibility stay as they are."""
-    selection = viewer.layers.selection
-    selected, active = set(selection), selection.active
-    layer = viewer.add_labels(np.zeros((1, 1, 1), np.uint8), name="spinesegdiff warm-up",
-                              metadata={OUTPUT_KEY: True})
-    viewer.layers.remove(layer)
-    lines = viewer.add_vectors(np.array([[[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]]]), name="spinesegdiff warm-up lines",
-                               features={"label": ["Hm 0.0"]}, metadata={OUTPUT_KEY: True})
-    viewer.layers.remove(lines)
-    selection.clear()
-    if active is not None:
-        selection.active = active
-    selection.update(selected)
+    with keeping_selection(viewer):
+        layer = viewer.add_labels(np.zeros((1, 1, 1), np.uint8), name="spinesegdiff warm-up",
+                                  metadata={OUTPUT_KEY: True})
+        viewer.layers.remove(layer)
+        lines = viewer.add_vectors(np.array([[[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]]]),
+                                   name="spinesegdiff warm-up lines", features={"label": ["Hm 0.0"]},
+                                   metadata={OUTPUT_KEY: True})
+        viewer.layers.remove(lines)
 
 
 class ResultLayers:
@@ -227,9 +239,14 @@ class ResultLayers:
             lambda: self.finish_trajectory(run),
         ]
         if not keep and run.levels is not None:  # merged into earlier slices: the Review tab measures the layer
-            stages += [lambda: self.put_instances(run.levels), lambda: self.put_measurements(run.levels),
-                       lambda: self.state.show_levels(run.levels)]
+            stages += self.level_stages(run.levels)
         return stages
+
+    def level_stages(self, report: LevelReport, token: tuple | None = None) -> list[Callable[[], Any]]:
+        """Put the report's layers (``instances``, ``measurements``), then show it (:meth:`RunState.show_levels`
+        with ``token``), one stage each."""
+        return [lambda: self.put_instances(report), lambda: self.put_measurements(report),
+                lambda: self.state.show_levels(report, token)]
 
     # ------------------------------------------------------------------- kept results, layers on request
 
@@ -357,14 +374,11 @@ class ResultLayers:
             old.features = lines.features
             return
         self.remove(VALUES_NAME)
-        selection = self.viewer.layers.selection
-        active = selection.active
-        self.viewer.add_points(starts, name=VALUES_NAME, features=lines.features, size=0.0, border_width=0.0,
-                               face_color="transparent", metadata={OUTPUT_KEY: True},
-                               text={"string": "{label}", "color": "white", "size": 8, "anchor": "upper_left"},
-                               scale=lines.scale, translate=lines.translate)
-        if active is not None:  # the text only: the layer being worked on stays selected
-            selection.active = active
+        with keeping_selection(self.viewer):  # the text only: the layer being worked on stays selected
+            self.viewer.add_points(starts, name=VALUES_NAME, features=lines.features, size=0.0, border_width=0.0,
+                                   face_color="transparent", metadata={OUTPUT_KEY: True},
+                                   text={"string": "{label}", "color": "white", "size": 8, "anchor": "upper_left"},
+                                   scale=lines.scale, translate=lines.translate)
 
     def show_result(self) -> None:
         """After the result layers are put: hide the live canvas, select the labels."""

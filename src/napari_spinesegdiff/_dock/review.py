@@ -346,20 +346,12 @@ class ReviewPanel(QWidget):
             self.levels_worker = None
             self._fill_levels()
             return
-        steps = [lambda: self.layers.put_instances(report), lambda: self.layers.put_measurements(report),
-                 lambda: self.state.show_levels(report, token)]
 
-        def next_step():
-            follow = steps.pop(0)()
-            if callable(follow):  # a layer added hidden: shown the next turn
-                steps.insert(0, follow)
-            if steps:
-                QTimer.singleShot(0, next_step)
-            else:
-                self.levels_worker = None
-                self._enable_renumbering()
+        def done() -> None:
+            self.levels_worker = None
+            self._enable_renumbering()
 
-        QTimer.singleShot(0, next_step)
+        self._stages.schedule(*self.layers.level_stages(report, token), done)
 
     def _levels_failed(self, exc: Exception) -> None:
         self.levels_worker = None
